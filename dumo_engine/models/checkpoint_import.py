@@ -1,0 +1,115 @@
+"""Initialise a DualHeadDiT from a facebookresearch/DiT or willisma/SiT state dict.
+
+Both repos use the same parameter names; their `final_layer` initialises both of our heads.
+Checkpoints trained with learn_sigma have 2C output channels per patch position: DiT's unpatchify
+puts the channel fastest, so the linear's rows are laid out (p, q, 2C) and we keep the first C
+channels of each (p, q) group — not simply the first half of the rows.
+
+Files are read as safetensors, or as torch files with weights_only=True (never unpickled).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from .dit import DualHeadDiT
+
+HEAD_NAMES = ("v_head", "u_head")
+
+
+class CheckpointFormatError(ValueError):
+    """A weights file that cannot be read or does not look like a state dict."""
+
+
+@dataclass
+class ImportReport:
+    loaded: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # ours, not in the file (kept at their init)
+    unexpected: list[str] = field(default_factory=list)  # in the file, not used
+    converted: list[str] = field(default_factory=list)  # learn-sigma channels dropped
+
+    def summary(self) -> str:
+        lines = [f"loaded {len(self.loaded)} tensors"]
+        if self.converted:
+            lines.append("dropped learn-sigma channels: " + ", ".join(self.converted))
+        if self.missing:
+            lines.append("missing (kept at init): " + ", ".join(self.missing))
+        if self.unexpected:
+            lines.append("unexpected (ignored): " + ", ".join(self.unexpected))
+        return "\n".join(lines)
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read tensors from a .safetensors file or a torch file (weights_only=True)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            sd = load_file(path, device="cpu")
+        else:
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt/truncated/pickled-object files all land here
+        raise CheckpointFormatError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from None
+    # Training checkpoints often nest the weights: {"model": ..., "ema": ...}; DiT's own release is flat.
+    if isinstance(sd, dict) and "ema" in sd and isinstance(sd["ema"], dict):
+        sd = sd["ema"]
+    elif isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+        sd = sd["model"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointFormatError(f"{path} does not contain a flat state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def _drop_learn_sigma(weight: torch.Tensor, patch_size: int, out_channels: int) -> torch.Tensor:
+    # (p*p*2C, ...) -> (p*p*C, ...): keep the mean channels of every (p, q) position.
+    pp = patch_size * patch_size
+    rest = weight.shape[1:]
+    return weight.reshape(pp, 2 * out_channels, *rest)[:, :out_channels].reshape(pp * out_channels, *rest)
+
+
+def convert_dit_state_dict(sd: dict[str, torch.Tensor], model: DualHeadDiT) -> tuple[dict[str, torch.Tensor], ImportReport]:
+    """Map DiT/SiT names onto ours; returns the state dict to load and a report of what matched."""
+    report = ImportReport()
+    ours = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for key, value in sd.items():
+        targets = [key]
+        if key.startswith("final_layer."):
+            targets = [key.replace("final_layer.", f"{h}.", 1) for h in HEAD_NAMES]
+        for tgt in targets:
+            if tgt not in ours:
+                report.unexpected.append(key)
+                break
+            if tgt.endswith("linear.weight") or tgt.endswith("linear.bias"):
+                if tgt.split(".")[0] in HEAD_NAMES and value.shape[0] == 2 * ours[tgt].shape[0]:
+                    value = _drop_learn_sigma(value, model.patch_size, model.out_channels)
+                    if key not in report.converted:
+                        report.converted.append(key)
+            if value.shape != ours[tgt].shape:
+                raise CheckpointFormatError(
+                    f"shape mismatch for {key}: file has {tuple(value.shape)}, model expects {tuple(ours[tgt].shape)}"
+                    " (wrong model size, patch size, input size or class count?)"
+                )
+            out[tgt] = value.to(ours[tgt].dtype)
+            report.loaded.append(tgt)
+    report.missing = sorted(k for k in ours if k not in out)
+    return out, report
+
+
+def load_pretrained_dit(model: DualHeadDiT, path: str | os.PathLike, strict: bool = False) -> ImportReport:
+    """Initialise trunk and both heads from a DiT/SiT checkpoint; returns what was loaded/missing/unexpected.
+
+    With strict=True any missing or unexpected key is an error (h_embedder is always missing from a
+    DiT/SiT file, so strict mode only makes sense for our own exports).
+    """
+    sd = read_state_dict(path)
+    converted, report = convert_dit_state_dict(sd, model)
+    if strict and (report.missing or report.unexpected):
+        raise CheckpointFormatError(f"strict load of {path} failed:\n{report.summary()}")
+    model.load_state_dict(converted, strict=False)
+    return report

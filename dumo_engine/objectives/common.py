@@ -1,0 +1,90 @@
+"""Pieces shared by the objectives: time sampling, label dropout, folded CFG target, weighting."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier-free guidance folded into training (MeanFlow's scheme).
+
+    v_g = w v + k v_hat(z, t, 0 | y) + (1 - w - k) v_hat(z, t, 0 | NULL) for t in [t_lo, t_hi] on rows
+    that kept their label; v_g = v elsewhere. w=1, k=0 turns guidance off (no extra passes).
+    """
+
+    w: float = 1.0
+    k: float = 0.0
+    t_lo: float = 0.0
+    t_hi: float = 1.0
+    label_dropout: float = 0.1
+
+    @property
+    def enabled(self) -> bool:
+        return not (self.w == 1.0 and self.k == 0.0)
+
+
+def logit_normal(n: int, mean: float, std: float, device) -> torch.Tensor:
+    """sigmoid(N(mean, std^2)) samples, (n,)."""
+    return torch.sigmoid(torch.randn(n, device=device) * std + mean)
+
+
+def sample_t_r(n: int, mean: float, std: float, equal_fraction: float, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """t, r independent logit-normal, ordered so r <= t; exactly round(equal_fraction * n) random rows get r = t."""
+    a = logit_normal(n, mean, std, device)
+    b = logit_normal(n, mean, std, device)
+    t, r = torch.maximum(a, b), torch.minimum(a, b)
+    n_equal = int(round(equal_fraction * n))
+    if n_equal > 0:
+        idx = torch.randperm(n, device=device)[:n_equal]
+        r = r.clone()
+        r[idx] = t[idx]
+    return t, r
+
+
+def drop_labels(y: torch.Tensor, p: float, null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace labels by NULL with probability p; returns (labels, dropped mask)."""
+    if p <= 0:
+        return y, torch.zeros_like(y, dtype=torch.bool)
+    dropped = torch.rand(y.shape, device=y.device) < p
+    return torch.where(dropped, torch.full_like(y, null_class), y), dropped
+
+
+def bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(N,) -> (N, 1, 1, ...) matching like's rank."""
+    return x.view(-1, *([1] * (like.ndim - 1)))
+
+
+def guided_target(v: torch.Tensor, v_cond: torch.Tensor, v_uncond: torch.Tensor, t: torch.Tensor,
+                  dropped: torch.Tensor, g: GuidanceConfig) -> torch.Tensor:
+    """v_g = w v + k v_cond + (1 - w - k) v_uncond inside the t-interval on kept-label rows, else v."""
+    v_g = g.w * v + g.k * v_cond + (1.0 - g.w - g.k) * v_uncond
+    active = (t >= g.t_lo) & (t <= g.t_hi) & ~dropped
+    return torch.where(bcast(active, v), v_g, v)
+
+
+@torch.no_grad()
+def model_velocity(model, z, t, y, null_class: int, head: str, with_uncond: bool):
+    """No-grad velocity at h = 0 for labels y (and NULL), batched in one call; returns (v_cond, v_uncond|None)."""
+    n = z.shape[0]
+    if with_uncond:
+        zz, tt = torch.cat([z, z]), torch.cat([t, t])
+        yy = torch.cat([y, torch.full_like(y, null_class)])
+    else:
+        zz, tt, yy = z, t, y
+    v, u = model(zz, tt, torch.zeros_like(tt), yy, heads=head)
+    out = (v if head == "v" else u).float()
+    return (out[:n], out[n:]) if with_uncond else (out, None)
+
+
+def per_sample_sq(err: torch.Tensor) -> torch.Tensor:
+    """||err||^2 summed over all but the batch dimension, (N,)."""
+    return err.float().pow(2).flatten(1).sum(1)
+
+
+def adaptive_weight(loss: torch.Tensor, p: float, eps: float) -> torch.Tensor:
+    """L / sg((L + eps)^p), per sample (p = 0 leaves L unchanged)."""
+    if p == 0:
+        return loss
+    return loss / (loss.detach() + eps).pow(p)

@@ -1,0 +1,97 @@
+"""DuMo and MeanFlow: flow-map objectives that share one per-sample recipe (METHOD.md, steps 1-5).
+
+DuMo: one pass, both heads, the u head's JVP; L = mean(L_u) + lambda_v mean(L_v), equal_fraction 0.
+MeanFlow: one output (the u head; at h = 0 it is the velocity), equal_fraction 0.75, no v loss.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..jvp import flow_map_jvp
+from .common import (GuidanceConfig, adaptive_weight, bcast, drop_labels, guided_target, model_velocity,
+                     per_sample_sq, sample_t_r)
+
+CHOICES = ("data", "model")
+
+
+class _FlowMapObjective:
+    name = "flow_map"
+    velocity_head = "u"  # which head gives the velocity at h = 0 (used for CFG / model tangent)
+    sampler_head = "u"
+    heads = "u"  # heads computed in the JVP pass
+    lambda_v = 0.0
+
+    def __init__(self, num_classes: int, P_mean: float = -0.4, P_std: float = 1.0, equal_fraction: float = 0.0,
+                 guidance: GuidanceConfig | None = None, adaptive_p: float = 1.0, adaptive_eps: float = 0.01,
+                 tangent: str = "data", target_velocity: str = "data", jvp_backend: str = "func"):
+        for key, val in (("tangent", tangent), ("target_velocity", target_velocity)):
+            if val not in CHOICES:
+                raise ValueError(f"objective.{key} must be one of {CHOICES}, got {val!r}")
+        if not 0.0 <= equal_fraction <= 1.0:
+            raise ValueError(f"objective.equal_fraction must be in [0, 1], got {equal_fraction}")
+        self.null_class = num_classes
+        self.P_mean, self.P_std, self.equal_fraction = P_mean, P_std, equal_fraction
+        self.guidance = guidance or GuidanceConfig()
+        self.adaptive_p, self.adaptive_eps = adaptive_p, adaptive_eps
+        self.tangent, self.target_velocity, self.jvp_backend = tangent, target_velocity, jvp_backend
+
+    def targets(self, model, x: torch.Tensor, y: torch.Tensor):
+        """Steps 1-3: (z, t, r, labels after dropout, guided velocity v_g, model velocity v_c or None)."""
+        n = x.shape[0]
+        t, r = sample_t_r(n, self.P_mean, self.P_std, self.equal_fraction, x.device)
+        e = torch.randn_like(x)
+        tb = bcast(t, x)
+        z = (1 - tb) * x + tb * e
+        v = e - x
+        y, dropped = drop_labels(y, self.guidance.label_dropout, self.null_class)
+        need_vc = self.tangent == "model" or self.target_velocity == "model"
+        v_c = None
+        if self.guidance.enabled:
+            v_c, v_u = model_velocity(model, z, t, y, self.null_class, self.velocity_head, with_uncond=True)
+            v_g = guided_target(v, v_c, v_u, t, dropped, self.guidance)
+        else:
+            v_g = v
+            if need_vc:
+                v_c, _ = model_velocity(model, z, t, y, self.null_class, self.velocity_head, with_uncond=False)
+        return z, t, r, y, v_g, v_c
+
+    def loss(self, model, x: torch.Tensor, y: torch.Tensor):
+        z, t, r, y, v_g, v_c = self.targets(model, x, y)
+        a = v_g if self.tangent == "data" else v_c
+        b = v_g if self.target_velocity == "data" else v_c
+        heads = self.heads
+
+        def fn(z_, t_, h_):
+            return model(z_, t_, h_, y, heads=heads)
+
+        v_hat, u_hat, dudt = flow_map_jvp(fn, z, t, t - r, a, backend=self.jvp_backend)
+        # u_tgt = sg(b - clip(t - r, 0, 1) du/dt)
+        u_tgt = (b - bcast((t - r).clamp(0, 1), z) * dudt).detach()
+        raw_u = per_sample_sq(u_hat - u_tgt)
+        loss = adaptive_weight(raw_u, self.adaptive_p, self.adaptive_eps).mean()
+        metrics = {"mse_u": raw_u.detach().mean()}
+        if self.lambda_v > 0:
+            raw_v = per_sample_sq(v_hat - v_g)
+            loss = loss + self.lambda_v * adaptive_weight(raw_v, self.adaptive_p, self.adaptive_eps).mean()
+            metrics["mse_v"] = raw_v.detach().mean()
+        metrics["loss"] = loss.detach()
+        return loss, metrics
+
+
+class MeanFlow(_FlowMapObjective):
+    name = "meanflow"
+
+    def __init__(self, num_classes: int, equal_fraction: float = 0.75, **kw):
+        super().__init__(num_classes, equal_fraction=equal_fraction, **kw)
+
+
+class DuMo(_FlowMapObjective):
+    name = "dumo"
+    velocity_head = "v"
+    heads = "vu"
+
+    def __init__(self, num_classes: int, equal_fraction: float = 0.0, lambda_v: float = 1.0, **kw):
+        if lambda_v < 0:
+            raise ValueError(f"objective.lambda_v must be >= 0, got {lambda_v}")
+        super().__init__(num_classes, equal_fraction=equal_fraction, **kw)
+        self.lambda_v = lambda_v
