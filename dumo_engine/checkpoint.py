@@ -1,0 +1,210 @@
+"""Training checkpoints: safetensors + JSON only (nothing is ever unpickled), written atomically.
+
+Layout of run_dir/checkpoints/:
+  step_00000100/  model.safetensors  ema.safetensors  optimizer.safetensors  rng.safetensors  state.json
+  latest          one line: the name of the newest complete checkpoint directory
+
+A checkpoint is written to a temporary directory, fsynced, then renamed into place; only then is
+`latest` replaced (temp file + os.replace). A process killed at any point leaves the previous
+checkpoint complete and `latest` pointing at it. state.json carries the size and sha256 of every
+file, so truncation or corruption is reported by name instead of failing deep inside torch.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = 1
+FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, truncated, corrupt or from an incompatible run."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _state_dict_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage and non-contiguous views: store plain CPU copies.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in sd.items()}
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split an optimizer state dict into tensors (for safetensors) and JSON metadata."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for pid, st in sd["state"].items():
+        for name, val in st.items():
+            key = f"state.{pid}.{name}"
+            if isinstance(val, torch.Tensor):
+                tensors[key] = val.detach().to("cpu").contiguous().clone()
+            else:
+                scalars[key] = val
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for key, val in list(tensors.items()) + list(meta["scalars"].items()):
+        _, pid, name = key.split(".", 2)
+        state.setdefault(int(pid), {})[name] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"torch_cuda_{i}"] = s
+    return out
+
+
+def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(states["torch_cpu"])
+    cuda = [states[k] for k in sorted(states) if k.startswith("torch_cuda_")]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, meta: Optional[dict] = None, keep: int = 2) -> str:
+    """Write checkpoint `step` atomically; returns its directory. Older ones beyond `keep` are removed."""
+    root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    name = f"step_{step:08d}"
+    final = os.path.join(root, name)
+    tmp = os.path.join(root, f".tmp_{name}_{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    parts = {
+        "model.safetensors": _state_dict_tensors(model.state_dict()),
+        "ema.safetensors": _state_dict_tensors(ema.state_dict()),
+        "optimizer.safetensors": opt_tensors,
+        "rng.safetensors": rng_state(),
+    }
+    files = {}
+    for fname, tensors in parts.items():
+        path = os.path.join(tmp, fname)
+        save_file(tensors, path)
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        files[fname] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    state = {"format": FORMAT_VERSION, "step": step, "files": files, "optimizer": opt_meta, "meta": meta or {}}
+    _write_json_atomic(os.path.join(tmp, "state.json"), state)
+    _fsync_dir(tmp)
+    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(root)
+    tmp_latest = os.path.join(root, "latest.tmp")
+    with open(tmp_latest, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_latest, os.path.join(root, "latest"))
+    _prune(root, keep, protect=name)
+    return final
+
+
+def _prune(root: str, keep: int, protect: str) -> None:
+    done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+    for d in done[: max(0, len(done) - max(keep, 1))]:
+        if d != protect:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+
+
+def latest_checkpoint(run_dir: str) -> Optional[str]:
+    """The newest complete checkpoint of a run, or None when it has none."""
+    root = os.path.join(run_dir, "checkpoints")
+    pointer = os.path.join(root, "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not name or not os.path.isdir(path):
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory")
+    return path
+
+
+def load_checkpoint(path: str, verify: bool = True) -> dict:
+    """Read and verify a checkpoint directory; returns tensors and metadata (no torch objects built)."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path) as f:
+            state = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: state.json is missing") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"checkpoint {path} is corrupt: state.json is not valid JSON ({e})") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: unknown format {state.get('format') if isinstance(state, dict) else state!r}")
+    out: dict[str, Any] = {"step": state["step"], "meta": state.get("meta", {}), "path": path}
+    for fname in FILES:
+        fpath = os.path.join(path, fname)
+        expect = state["files"].get(fname)
+        if expect is None or not os.path.isfile(fpath):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {fname} is missing")
+        size = os.path.getsize(fpath)
+        if size != expect["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {fname} has {size} bytes, expected {expect['bytes']}")
+        if verify and _sha256(fpath) != expect["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {fname} fails its sha256 check")
+        try:
+            out[fname.split(".")[0]] = load_file(fpath, device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {fname} ({e})") from None
+    out["optimizer"] = optimizer_from_flat(out["optimizer"], state["optimizer"])
+    return out
+
+
+def restore(ckpt: dict, model: torch.nn.Module, ema: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
+    """Load a checkpoint read by load_checkpoint into live objects (and the RNG); returns its step."""
+    for name, module in (("model", model), ("ema", ema)):
+        try:
+            module.load_state_dict(ckpt[name], strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"checkpoint {ckpt['path']}: {name} weights do not fit this model: {e}") from None
+    if optimizer is not None:
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise CheckpointError(f"checkpoint {ckpt['path']}: optimizer state does not fit: {e}") from None
+    set_rng_state(ckpt["rng"])
+    return int(ckpt["step"])

@@ -1,0 +1,286 @@
+"""Run configuration: dataclasses, YAML presets (configs/*.yaml), `--section.key=value` overrides.
+
+Every key is checked: an unknown key, a value of the wrong type, or an out-of-range value raises
+ConfigError with the dotted key name in the message. The resolved config is saved with each run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "DiT-digits"  # a key of dumo_engine.models.DIT_SIZES
+    input_size: int = 8  # latent/image side, pixels
+    in_channels: int = 1
+    num_classes: int = 10  # label num_classes is the NULL class
+    pretrained: Optional[str] = None  # DiT/SiT weights (safetensors or torch file) to start from
+
+
+@dataclass
+class ObjectiveConfig:
+    name: str = "dumo"  # dumo | meanflow | flow_matching
+    P_mean: float = -0.4  # logit-normal time sampling
+    P_std: float = 1.0
+    equal_fraction: Optional[float] = None  # None: the objective's default (dumo 0.0, meanflow 0.75)
+    cfg_w: float = 1.0  # folded CFG: v_g = w v + k v_cond + (1 - w - k) v_uncond; w=1, k=0 is off
+    cfg_k: float = 0.0
+    cfg_t_lo: float = 0.0
+    cfg_t_hi: float = 1.0
+    label_dropout: float = 0.1
+    adaptive_p: float = 1.0  # L / sg((L + eps)^p); p = 0 is plain MSE
+    adaptive_eps: float = 0.01
+    tangent: str = "data"  # data | model (flow-map objectives)
+    target_velocity: str = "data"  # data | model
+    lambda_v: float = 1.0  # DuMo only
+    jvp_backend: str = "func"  # func | forward_ad
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"  # digits: scikit-learn's 8x8 digits, no download
+    test_fraction: float = 0.2  # held out for evaluation, never trained on
+    split_seed: int = 0
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True  # decay_k = min(ema_decay, (1 + k) / (10 + k)) at step k
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    precision: str = "bf16"  # bf16 autocast on CUDA (no-op on CPU) | fp32
+    log_every: int = 50  # steps between JSONL log lines
+    ckpt_every: int = 500  # steps between checkpoints (and one at the end); 0: only at the end
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    resume: bool = True  # continue from out_dir's latest checkpoint when there is one
+    threads: int = 0  # torch CPU threads; 0 leaves torch's default
+    progress: bool = True  # tqdm bar with img/s
+    peak_tflops: float = 0.0  # measured peak of the device for MFU in the log; 0: don't report MFU
+
+
+@dataclass
+class SampleConfig:
+    t_mid: float = 0.5  # 2-step u sampler: 1 -> t_mid -> 0
+    v_steps: int = 20
+    v_solver: str = "euler"  # euler | heun
+    use_ema: bool = True
+    seed: int = 1234
+    per_class: int = 50  # samples per class for evaluation
+    grid_cols: int = 10
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True  # sample + metrics after training
+    methods: list = field(default_factory=lambda: ["u1", "u2", "euler"])
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+CHOICES = {
+    "objective.name": ("dumo", "meanflow", "flow_matching"),
+    "objective.tangent": ("data", "model"),
+    "objective.target_velocity": ("data", "model"),
+    "objective.jvp_backend": ("func", "forward_ad"),
+    "data.dataset": ("digits",),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.precision": ("bf16", "fp32"),
+    "sample.v_solver": ("euler", "heun"),
+}
+POSITIVE = {"optim.lr", "train.steps", "train.batch_size", "sample.v_steps", "sample.per_class",
+            "sample.grid_cols", "model.input_size", "model.in_channels", "model.num_classes", "objective.P_std"}
+NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "objective.lambda_v", "objective.adaptive_p",
+                "objective.adaptive_eps", "train.log_every", "train.ckpt_every", "train.threads",
+                "train.keep_checkpoints", "train.peak_tflops"}
+UNIT_INTERVAL = {"objective.equal_fraction", "objective.label_dropout", "objective.cfg_t_lo", "objective.cfg_t_hi",
+                 "optim.beta1", "optim.beta2", "optim.ema_decay", "data.test_fraction"}
+METHODS = ("u1", "u2", "euler", "heun")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check value against a dataclass field's type hint; ints are accepted for floats."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    if hint is list or origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return list(value)
+    raise ConfigError(f"{key}: unsupported field type {hint}")  # pragma: no cover
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for k, v in values.items():
+        key = f"{prefix}{k}"
+        if k not in names:
+            raise ConfigError(f"unknown config key {key!r}; known here: {', '.join(sorted(names))}")
+        cur = getattr(obj, k)
+        if dataclasses.is_dataclass(cur):
+            if not isinstance(v, dict):
+                raise ConfigError(f"{key}: expected a section (mapping), got {v!r}")
+            _apply(cur, v, key + ".")
+        else:
+            setattr(obj, k, _coerce(key, v, hints[k]))
+
+
+def validate(cfg: RunConfig) -> RunConfig:
+    """Range and choice checks; raises ConfigError naming the key."""
+    from .models import DIT_SIZES
+
+    flat = to_flat_dict(cfg)
+    for key, choices in CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(choices)}")
+    if cfg.model.name not in DIT_SIZES:
+        raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; known: {', '.join(DIT_SIZES)}")
+    for key in POSITIVE:
+        if not flat[key] > 0:
+            raise ConfigError(f"{key} must be > 0, got {flat[key]}")
+    for key in NON_NEGATIVE:
+        if flat[key] < 0:
+            raise ConfigError(f"{key} must be >= 0, got {flat[key]}")
+    for key in UNIT_INTERVAL:
+        if flat[key] is not None and not 0.0 <= flat[key] <= 1.0:
+            raise ConfigError(f"{key} must be in [0, 1], got {flat[key]}")
+    if not 0.0 < cfg.sample.t_mid < 1.0:
+        raise ConfigError(f"sample.t_mid must be in (0, 1), got {cfg.sample.t_mid}")
+    if cfg.objective.cfg_t_lo > cfg.objective.cfg_t_hi:
+        raise ConfigError("objective.cfg_t_lo must be <= objective.cfg_t_hi")
+    if cfg.model.input_size % DIT_SIZES[cfg.model.name].patch_size:
+        raise ConfigError(f"model.input_size {cfg.model.input_size} is not divisible by {cfg.model.name}'s patch size")
+    for m in cfg.eval.methods:
+        if m not in METHODS:
+            raise ConfigError(f"eval.methods: {m!r} is not one of {', '.join(METHODS)}")
+    return cfg
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """'--train.lr=1e-3' -> ('train.lr', 0.001); the value is parsed as YAML (numbers, bools, lists, null)."""
+    if not arg.startswith("--") or "=" not in arg:
+        raise ConfigError(f"override {arg!r} must look like --section.key=value")
+    key, raw = arg[2:].split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+    # YAML 1.1 reads "1e-3" as a string; accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in "eE.") else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def _nest(key: str, value: Any) -> dict:
+    parts = key.split(".")
+    if len(parts) != 2:
+        raise ConfigError(f"override key {key!r} must be section.key, e.g. train.steps")
+    return {parts[0]: {parts[1]: value}}
+
+
+def _fix_yaml_floats(d: Any) -> Any:
+    if isinstance(d, dict):
+        return {k: _fix_yaml_floats(v) for k, v in d.items()}
+    if isinstance(d, str):
+        try:
+            return float(d) if any(c in d for c in "eE") and d.lstrip("+-")[0].isdigit() else d
+        except (ValueError, IndexError):
+            return d
+    return d
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Defaults <- YAML preset <- --section.key=value overrides; then validated."""
+    cfg = RunConfig()
+    if path is not None:
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as f:
+            try:
+                data = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        _apply(cfg, _fix_yaml_floats(data))
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _apply(cfg, _nest(key, value))
+    return validate(cfg)
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_flat_dict(cfg: RunConfig) -> dict:
+    return {f"{s}.{k}": v for s, sec in to_dict(cfg).items() for k, v in sec.items()}
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    tmp = f"{os.fspath(path)}.tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def from_dict(data: dict) -> RunConfig:
+    cfg = RunConfig()
+    _apply(cfg, data)
+    return validate(cfg)

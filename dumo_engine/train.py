@@ -1,0 +1,177 @@
+"""The training loop: batch -> objective -> backward -> clip -> step -> EMA -> log -> checkpoint."""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from . import checkpoint as ckpt_io
+from .config import RunConfig, save_config
+from .data import DigitsData
+from .models import build_model, load_pretrained_dit
+from .objectives import OBJECTIVES, GuidanceConfig
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+    return torch.device(name)
+
+
+def autocast_ctx(device: torch.device, precision: str):
+    """bf16 autocast on CUDA; a no-op context on CPU (and for fp32)."""
+    if device.type == "cuda" and precision == "bf16":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_objective(cfg: RunConfig):
+    o = cfg.objective
+    kw = dict(P_mean=o.P_mean, P_std=o.P_std, adaptive_p=o.adaptive_p, adaptive_eps=o.adaptive_eps,
+              guidance=GuidanceConfig(o.cfg_w, o.cfg_k, o.cfg_t_lo, o.cfg_t_hi, o.label_dropout))
+    if o.name != "flow_matching":
+        kw.update(tangent=o.tangent, target_velocity=o.target_velocity, jvp_backend=o.jvp_backend)
+        if o.equal_fraction is not None:
+            kw["equal_fraction"] = o.equal_fraction
+    if o.name == "dumo":
+        kw["lambda_v"] = o.lambda_v
+    return OBJECTIVES[o.name](cfg.model.num_classes, **kw)
+
+
+def build_model_from_config(cfg: RunConfig) -> torch.nn.Module:
+    m = cfg.model
+    return build_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes)
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+def measure_step_flops(model, objective, x, y) -> float:
+    """FLOPs of one training step (forward, JVP, backward) per image, counted by torch; RNG untouched."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            loss, _ = objective.loss(model, x, y)
+            loss.backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / x.shape[0]
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    step: int
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    objective: object
+    log_path: str
+
+
+def _trim_log(path: str, last_step: int) -> None:
+    """After a resume, drop log lines the interrupted run wrote past its last checkpoint."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    tc, oc = cfg.train, cfg.optim
+    device = resolve_device(tc.device)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    run_dir = tc.out_dir
+    os.makedirs(run_dir, exist_ok=True)
+    save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    log_path = os.path.join(run_dir, "log.jsonl")
+
+    torch.manual_seed(tc.seed)
+    model = build_model_from_config(cfg).to(device)
+    if cfg.model.pretrained:
+        print(load_pretrained_dit(model, cfg.model.pretrained).summary())
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    objective = build_objective(cfg)
+    data = DigitsData.from_config(cfg.data, tc.batch_size, tc.seed, device)
+    opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2), weight_decay=oc.weight_decay,
+                            fused=device.type == "cuda")
+
+    step = 0
+    latest = ckpt_io.latest_checkpoint(run_dir) if tc.resume else None
+    if latest is not None:
+        step = ckpt_io.restore(ckpt_io.load_checkpoint(latest), model, ema, opt)
+        _trim_log(log_path, step)
+        print(f"resumed from {latest} at step {step}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    flops_img = measure_step_flops(model, objective, *data.batch(step))
+    print(f"{cfg.model.name}: {n_params / 1e6:.2f}M params | {objective.name} | {flops_img / 1e9:.3f} GFLOP/img/step | {device}")
+
+    bar = None
+    if tc.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True)
+    sums: dict[str, torch.Tensor] = {}
+    count, t_last = 0, time.perf_counter()
+    model.train()
+    with open(log_path, "a") as log:
+        while step < tc.steps:
+            x, y = data.batch(step)
+            with autocast_ctx(device, tc.precision):
+                loss, metrics = objective.loss(model, x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), oc.grad_clip if oc.grad_clip > 0 else float("inf"))
+            opt.step()
+            # EMA warm-up: averaging starts short so a short run's EMA is not dominated by the init.
+            ema_update(ema, model, min(oc.ema_decay, (1 + step) / (10 + step)) if oc.ema_warmup else oc.ema_decay)
+            step += 1
+            count += 1
+            for k, v in metrics.items():  # accumulate on device: no sync inside the step
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+            if tc.log_every and (step % tc.log_every == 0 or step == tc.steps):
+                dt = time.perf_counter() - t_last
+                img_s = count * tc.batch_size / dt
+                row = {"step": step, "kimg": step * tc.batch_size / 1e3,
+                       **{k: (v / count).item() for k, v in sums.items()},
+                       "img_s": img_s, "sec_per_kimg": 1e3 / img_s, "lr": oc.lr}
+                if tc.peak_tflops > 0:
+                    row["mfu"] = flops_img * img_s / (tc.peak_tflops * 1e12)
+                if device.type == "cuda":
+                    row["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
+                sums, count, t_last = {}, 0, time.perf_counter()
+            if bar is not None:
+                bar.update(1)
+            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
+                ckpt_io.save_checkpoint(run_dir, step, model, ema, opt, meta={"model": cfg.model.name},
+                                        keep=tc.keep_checkpoints)
+    if bar is not None:
+        bar.close()
+    return TrainResult(run_dir, step, model, ema, objective, log_path)
+
+
+def read_log(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
