@@ -143,10 +143,6 @@ def test_wrong_input_shape_raises_value_error(shape):
         model(torch.randn(*shape), t, h, y)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG dit.py DualHeadDiT.forward: the shape check tests x.shape[-1] (width) but never x.shape[-2] (height). "
-    "(2,4,9,8) with input_size 8 is silently accepted (the stride-2 conv floors 9 -> 4 rows and the output is "
-    "(2,4,8,8), dropping a row of input); (2,4,6,8) fails later with a RuntimeError from the pos_embed add."))
 @pytest.mark.parametrize("shape", [(2, 4, 9, 8), (2, 4, 6, 8)])
 def test_wrong_input_height_raises_value_error(shape):
     """A wrong height (width correct) must raise ValueError too."""

@@ -56,8 +56,10 @@ def flow_map_jvp(
     if backend not in JVP_BACKENDS:
         raise ValueError(f"unknown jvp backend {backend!r}; choose one of {JVP_BACKENDS}")
     device_type = z.device.type
-    primals = (z.float(), t.float(), h.float())
-    tangents = (tangent_z.float().detach(), torch.ones_like(primals[1]), torch.ones_like(primals[2]))
+    # fp32 at least (half precision is upcast); float64 stays float64 for the finite-difference oracle
+    dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
+    primals = (z.to(dtype), t.to(dtype), h.to(dtype))
+    tangents = (tangent_z.to(dtype).detach(), torch.ones_like(primals[1]), torch.ones_like(primals[2]))
     with torch.autocast(device_type=device_type, enabled=False):
         if backend == "func":
             v, u, dudt = _jvp_func(fn, primals, tangents)

@@ -86,9 +86,11 @@ class TimestepEmbedder(nn.Module):
     @staticmethod
     def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
         # t: (N,) -> (N, dim): [cos(t f_k), sin(t f_k)], f_k = max_period^(-k / half)
+        # fp32 at least (bf16 cannot resolve t * 1000), float64 kept for finite-difference checks
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-        args = t[:, None].float() * freqs[None]
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        args = t[:, None].to(dtype) * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
@@ -284,7 +286,7 @@ class DualHeadDiT(nn.Module):
         return tokens, c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor, heads: str = "vu"):
-        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.input_size:
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"expected x of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
             )
