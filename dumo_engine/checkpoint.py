@@ -106,8 +106,10 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, ema: torch.
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
     final = os.path.join(root, name)
+    for stale in os.listdir(root):  # debris of a save that was killed (one writer per run directory)
+        if stale.startswith(".tmp_"):
+            shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".tmp_{name}_{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     parts = {

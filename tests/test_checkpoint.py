@@ -1,0 +1,161 @@
+"""Checkpoints: round trip, bit-exact resume, crash mid-save, corrupt and truncated files."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from dumo_engine import checkpoint as ckpt_io
+from dumo_engine.train import build_model_from_config, read_log, train
+from engine_helpers import tiny_config
+
+
+def _state_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_round_trip(tmp_path):
+    """Weights, EMA, optimizer state and RNG come back exactly."""
+    cfg = tiny_config(tmp_path, "--train.steps=3", "--train.ckpt_every=0")
+    res = train(cfg)
+    path = ckpt_io.latest_checkpoint(str(tmp_path))
+    assert path.endswith("step_00000003")
+    ck = ckpt_io.load_checkpoint(path)
+    assert _state_equal(ck["model"], res.model.state_dict())
+    assert _state_equal(ck["ema"], res.ema.state_dict())
+    assert not _state_equal(ck["model"], ck["ema"])  # EMA really is a different average
+    model = build_model_from_config(cfg)
+    ema = build_model_from_config(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    torch.manual_seed(999)
+    step = ckpt_io.restore(ck, model, ema, opt)
+    assert step == 3
+    assert _state_equal(model.state_dict(), res.model.state_dict())
+    assert opt.param_groups[0]["lr"] == cfg.optim.lr  # hyper-parameters restored from JSON
+    saved = ck["optimizer"]["state"]
+    for pid, st in opt.state_dict()["state"].items():
+        assert torch.equal(st["exp_avg"], saved[pid]["exp_avg"])
+        assert torch.equal(st["exp_avg_sq"], saved[pid]["exp_avg_sq"])
+    assert torch.equal(torch.get_rng_state(), ck["rng"]["torch_cpu"])
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """A run stopped at step 4 and resumed to 8 logs exactly the losses of an uninterrupted 8-step run."""
+    full = read_log(train(tiny_config(tmp_path / "full", "--train.steps=8", "--train.ckpt_every=4")).log_path)
+    part = tmp_path / "part"
+    train(tiny_config(part, "--train.steps=4", "--train.ckpt_every=4"))
+    resumed = train(tiny_config(part, "--train.steps=8", "--train.ckpt_every=4"))
+    rows = read_log(resumed.log_path)
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    for a, b in zip(full, rows):
+        for k in ("loss", "mse_u", "mse_v", "grad_norm"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])  # bit-exact, not approximately equal
+    full_w = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(str(tmp_path / "full")))
+    res_w = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(str(part)))
+    assert _state_equal(full_w["model"], res_w["model"]) and _state_equal(full_w["ema"], res_w["ema"])
+
+
+def test_resume_drops_log_lines_past_the_checkpoint(tmp_path):
+    """Log lines written after the last checkpoint of a killed run are replaced by the resumed run's."""
+    train(tiny_config(tmp_path, "--train.steps=3", "--train.ckpt_every=2", "--train.keep_checkpoints=5"))
+    # simulate a crash after step 3 had been logged but before it was checkpointed
+    root = tmp_path / "checkpoints"
+    import shutil
+    shutil.rmtree(root / "step_00000003")
+    (root / "latest").write_text("step_00000002\n")
+    res = train(tiny_config(tmp_path, "--train.steps=3", "--train.ckpt_every=2"))
+    assert [r["step"] for r in read_log(res.log_path)] == [1, 2, 3]
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """If the process dies while writing a checkpoint, `latest` still names the previous, loadable one."""
+    cfg = tiny_config(tmp_path, "--train.steps=2", "--train.ckpt_every=1")
+    train(cfg)
+    good = ckpt_io.latest_checkpoint(str(tmp_path))
+    calls = {"n": 0}
+    real_save = ckpt_io.save_file
+
+    def dying_save(tensors, path, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # second file of the next checkpoint
+            real_save(tensors, path, *a, **k)
+            with open(path, "r+b") as f:  # leave a half-written file behind
+                f.truncate(os.path.getsize(path) // 2)
+            raise KeyboardInterrupt("killed mid-save")
+        return real_save(tensors, path, *a, **k)
+
+    monkeypatch.setattr(ckpt_io, "save_file", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(tmp_path, "--train.steps=3", "--train.ckpt_every=1"))
+    assert ckpt_io.latest_checkpoint(str(tmp_path)) == good
+    assert ckpt_io.load_checkpoint(good)["step"] == 2
+    monkeypatch.undo()
+    res = train(tiny_config(tmp_path, "--train.steps=3", "--train.ckpt_every=1"))  # resumes from step 2
+    assert res.step == 3
+    assert not [d for d in os.listdir(tmp_path / "checkpoints") if d.startswith(".tmp")]  # debris cleaned
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete", "state_json", "latest"])
+def test_corrupt_checkpoint_gives_clear_error(tmp_path, damage):
+    """Truncated, bit-flipped or missing files raise CheckpointError naming the file, not a torch traceback."""
+    train(tiny_config(tmp_path, "--train.steps=1"))
+    path = ckpt_io.latest_checkpoint(str(tmp_path))
+    target = os.path.join(path, "model.safetensors")
+    if damage == "truncate":
+        with open(target, "r+b") as f:
+            f.truncate(os.path.getsize(target) - 7)
+        match = "model.safetensors"
+    elif damage == "flip":
+        data = bytearray(open(target, "rb").read())
+        data[-5] ^= 0xFF
+        open(target, "wb").write(bytes(data))
+        match = "model.safetensors fails its sha256"
+    elif damage == "delete":
+        os.remove(target)
+        match = "model.safetensors is missing"
+    elif damage == "state_json":
+        open(os.path.join(path, "state.json"), "w").write("{not json")
+        match = "state.json is not valid JSON"
+    else:
+        (tmp_path / "checkpoints" / "latest").write_text("step_00000099\n")
+        with pytest.raises(ckpt_io.CheckpointError, match="step_00000099"):
+            ckpt_io.latest_checkpoint(str(tmp_path))
+        return
+    with pytest.raises(ckpt_io.CheckpointError, match=match):
+        ckpt_io.load_checkpoint(path)
+    with pytest.raises(ckpt_io.CheckpointError):  # and a resume refuses it too
+        train(tiny_config(tmp_path, "--train.steps=2"))
+
+
+def test_truncated_safetensors_without_manifest_check(tmp_path):
+    """Even with verification off, a truncated safetensors file is reported as corrupt, by name."""
+    train(tiny_config(tmp_path, "--train.steps=1"))
+    path = ckpt_io.latest_checkpoint(str(tmp_path))
+    target = os.path.join(path, "ema.safetensors")
+    size = os.path.getsize(target)
+    with open(target, "r+b") as f:
+        f.truncate(40)
+    state = json.load(open(os.path.join(path, "state.json")))
+    state["files"]["ema.safetensors"]["bytes"] = 40  # a manifest that agrees with the damage
+    json.dump(state, open(os.path.join(path, "state.json"), "w"))
+    assert size > 40
+    with pytest.raises(ckpt_io.CheckpointError, match="cannot read ema.safetensors"):
+        ckpt_io.load_checkpoint(path, verify=False)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    """Loading weights of a different model size names the mismatch."""
+    train(tiny_config(tmp_path, "--train.steps=1"))
+    ck = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(str(tmp_path)))
+    other = tiny_config(tmp_path / "o", "--model.name=DiT-digits")
+    m, e = build_model_from_config(other), build_model_from_config(other)
+    with pytest.raises(ckpt_io.CheckpointError, match="do not fit"):
+        ckpt_io.restore(ck, m, e, None)
+
+
+def test_only_keep_newest(tmp_path):
+    train(tiny_config(tmp_path, "--train.steps=4", "--train.ckpt_every=1", "--train.keep_checkpoints=2"))
+    names = sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("step_"))
+    assert names == ["step_00000003", "step_00000004"]

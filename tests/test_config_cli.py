@@ -1,0 +1,87 @@
+"""Config validation, overrides, dry run, and the CLI end to end on a tiny run."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import yaml
+
+from dumo_engine.cli import main
+from dumo_engine.config import ConfigError, load_config, parse_override
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
+
+
+@pytest.mark.parametrize("override,key", [
+    (["--optim.lrr=1e-3"], "optim.lrr"),
+    (["--nosection.x=1"], "nosection"),
+    (["--train.steps=ten"], "train.steps"),
+    (["--train.steps=1.5"], "train.steps"),
+    (["--optim.lr=-1e-4"], "optim.lr"),
+    (["--optim.lr=0"], "optim.lr"),
+    (["--model.name=DiT-H/2"], "model.name"),
+    (["--objective.tangent=both"], "objective.tangent"),
+    (["--train.resume=yes please"], "train.resume"),
+    (["--objective.equal_fraction=1.5"], "objective.equal_fraction"),
+    (["--sample.t_mid=1.0"], "sample.t_mid"),
+    (["--eval.methods=[u1,u3]"], "eval.methods"),
+    (["--model.input_size=7"], "model.input_size"),
+])
+def test_bad_config_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(DIGITS, override)
+
+
+def test_bad_yaml_file_names_the_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("optim:\n  lr: fast\n")
+    with pytest.raises(ConfigError, match=r"optim\.lr"):
+        load_config(p)
+    p.write_text("optim:\n  learning_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"optim\.learning_rate"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_parse_and_apply():
+    assert parse_override("--optim.lr=1e-3") == ("optim.lr", 1e-3)
+    assert parse_override("--train.resume=false") == ("train.resume", False)
+    cfg = load_config(DIGITS, ["--optim.lr=3e-4", "--train.steps=7", "--objective.equal_fraction=null",
+                               "--eval.methods=[u1]"])
+    assert cfg.optim.lr == 3e-4 and cfg.train.steps == 7 and cfg.eval.methods == ["u1"]
+    assert cfg.objective.equal_fraction is None
+    assert load_config(DIGITS).optim.lr == 1e-3  # the YAML's "1.0e-3" is a number
+
+
+def test_cli_dry_run_prints_resolved_config(capsys):
+    assert main(["train", "--config", DIGITS, "--dry-run", "--train.steps=3"]) == 0
+    out = capsys.readouterr().out
+    resolved = yaml.safe_load(out.split("# ")[0])
+    assert resolved["train"]["steps"] == 3 and resolved["model"]["name"] == "DiT-digits"
+    assert "dry run" in out
+
+
+def test_cli_bad_override_exits_2_naming_key(capsys):
+    assert main(["train", "--config", DIGITS, "--optim.lr=-1"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+
+
+def test_cli_train_sample_eval(tmp_path, capsys):
+    """dumo train (with the end-of-run eval), then sample and eval from the saved run."""
+    run = tmp_path / "run"
+    args = ["train", "--config", DIGITS, "--model.name=DiT-tiny", "--train.steps=3", "--train.batch_size=16",
+            f"--train.out_dir={run}", "--train.progress=false", "--sample.per_class=5", "--sample.v_steps=2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "held-out accuracy" in out and "u head, 1 step" in out
+    for m in ("u1", "u2", "euler"):
+        assert (run / f"samples_{m}.png").is_file()
+    assert (run / "config.yaml").is_file() and (run / "eval.json").is_file()
+    assert main(["sample", "--run", str(run), "--method", "u1", "--labels", "0,3,10", "--seed", "5"]) == 0
+    import numpy as np
+    x = np.load(run / "sample_u1_step3.npy")
+    assert x.shape == (3, 1, 8, 8) and np.isfinite(x).all()
+    assert main(["eval", "--run", str(run), "--sample.per_class=4"]) == 0
+    assert main(["sample", "--run", str(tmp_path / "nope")]) == 2
