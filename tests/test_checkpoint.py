@@ -9,7 +9,7 @@ import torch
 
 from dumo_engine import checkpoint as ckpt_io
 from dumo_engine.train import build_model_from_config, read_log, train
-from engine_helpers import tiny_config
+from helpers import tiny_config
 
 
 def _state_equal(a: dict, b: dict) -> bool:

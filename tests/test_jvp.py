@@ -14,25 +14,9 @@ from dumo_engine.jvp import JVP_BACKENDS, flow_map_jvp
 from dumo_engine.models import DualHeadDiT, build_model
 from dumo_engine.models.dit import TimestepEmbedder
 
+from helpers import randomize_
+
 NUM_CLASSES = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy second core; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
-    """Overwrite every parameter (heads and adaLN included, which the default init zeroes) with N(0, std^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def make_model(kind: str, seed: int) -> DualHeadDiT:

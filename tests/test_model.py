@@ -13,25 +13,9 @@ from dumo_engine.models import (DIT_SIZES, CheckpointFormatError, DualHeadDiT, b
 from dumo_engine.models.dit import modulate
 
 TINY_PRESETS = ("DiT-tiny", "DiT-digits")
+from helpers import randomize_
+
 NUM_CLASSES = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy second core; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.Module:
-    """Overwrite every parameter (heads and adaLN included, which the default init zeroes) with N(0, std^2)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def inputs(n: int, channels: int, size: int, num_classes: int, seed: int):

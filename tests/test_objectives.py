@@ -16,15 +16,6 @@ NUM_CLASSES = 5
 NULL = NUM_CLASSES
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy second core; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def b4(x: torch.Tensor) -> torch.Tensor:
     return x.view(-1, 1, 1, 1)
 

@@ -11,15 +11,6 @@ NUM_CLASSES = 10
 SHAPE = (2, 3, 3)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to a busy second core; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def b4(x):
     return x.view(-1, 1, 1, 1)
 
