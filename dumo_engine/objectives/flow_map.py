@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from ..jvp import flow_map_jvp
+from ..jvp import JVP_BACKENDS, flow_map_jvp
 from .common import (GuidanceConfig, adaptive_weight, bcast, drop_labels, guided_target, model_velocity,
                      per_sample_sq, sample_t_r)
 
@@ -27,6 +27,8 @@ class _FlowMapObjective:
         for key, val in (("tangent", tangent), ("target_velocity", target_velocity)):
             if val not in CHOICES:
                 raise ValueError(f"objective.{key} must be one of {CHOICES}, got {val!r}")
+        if jvp_backend not in JVP_BACKENDS:
+            raise ValueError(f"objective.jvp_backend must be one of {JVP_BACKENDS}, got {jvp_backend!r}")
         if not 0.0 <= equal_fraction <= 1.0:
             raise ValueError(f"objective.equal_fraction must be in [0, 1], got {equal_fraction}")
         self.null_class = num_classes
