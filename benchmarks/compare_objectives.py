@@ -6,7 +6,7 @@ distance in its feature space vs held-out real digits; lower FD is better). Also
 ablations that pick METHOD.md's open choices: DuMo tangent (data | model), lambda_v, and t_mid of
 the 2-step sampler (re-scored on the trained DuMo models, no retraining).
 
-    python benchmarks/compare_objectives.py                  # full table (about 20 min on 2 cores)
+    python benchmarks/compare_objectives.py                  # full table (about 30 min on 2 cores)
     python benchmarks/compare_objectives.py --steps 50 --seeds 0 --variants fm,dumo   # smoke
 
 Results are cached per run in --out (a run already there is not retrained) and printed as
@@ -38,6 +38,7 @@ VARIANTS = {
     "dumo_tangent_model": ["--objective.name=dumo", "--objective.tangent=model"],
     "dumo_lambda_v_0.5": ["--objective.name=dumo", "--objective.lambda_v=0.5"],
     "dumo_lambda_v_2": ["--objective.name=dumo", "--objective.lambda_v=2.0"],
+    "dumo_lambda_v_4": ["--objective.name=dumo", "--objective.lambda_v=4.0"],
 }
 T_MIDS = (0.3, 0.5, 0.7)
 
