@@ -116,11 +116,12 @@ def main() -> None:
     for n in names:
         if n not in VARIANTS:
             p.error(f"unknown variant {n!r}; known: {', '.join(VARIANTS)}")
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     judge = DigitsJudge()
     rows = [run_one(n, s, args, judge) for n in names for s in seeds]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     print(f"\n## compare_objectives: {args.steps} steps x batch {args.batch_size} "
-          f"({args.steps * args.batch_size} samples), seeds {args.seeds}, commit {commit}\n")
+          f"({args.steps * args.batch_size} samples), seeds {args.seeds}, commit {commit} at start "
+          f"(cached runs in {args.out} keep the code they were trained with)\n")
     print(table(rows, judge))
 
 
