@@ -39,6 +39,7 @@ VARIANTS = {
     "dumo_lambda_v_0.5": ["--objective.name=dumo", "--objective.lambda_v=0.5"],
     "dumo_lambda_v_2": ["--objective.name=dumo", "--objective.lambda_v=2.0"],
     "dumo_lambda_v_4": ["--objective.name=dumo", "--objective.lambda_v=4.0"],
+    "dumo_lambda_v_8": ["--objective.name=dumo", "--objective.lambda_v=8.0"],
 }
 T_MIDS = (0.3, 0.5, 0.7)
 
