@@ -14,7 +14,7 @@ import sys
 ASSET = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "regression_losses.json")
 OVERRIDES = [
     "--model.name=DiT-tiny", "--model.input_size=8", "--model.in_channels=1", "--model.num_classes=10",
-    "--objective.name=dumo", "--objective.cfg_w=0.5", "--objective.cfg_k=0.3", "--objective.cfg_t_hi=0.9",
+    "--objective.name=dumo", "--objective.lambda_v=1.0", "--objective.cfg_w=0.5", "--objective.cfg_k=0.3", "--objective.cfg_t_hi=0.9",
     "--objective.adaptive_p=0.0", "--objective.label_dropout=0.2",
     "--optim.lr=3e-3", "--optim.grad_clip=1.0", "--optim.ema_decay=0.99",
     "--train.steps=10", "--train.batch_size=16", "--train.seed=1234", "--train.log_every=1",

@@ -373,7 +373,7 @@ def test_dumo_guided_adaptive_by_hand():
     x, y = batch(5, n=8)
     g = GuidanceConfig(w=0.6, k=0.3, t_lo=0.2, t_hi=0.8, label_dropout=0.5)
     stub = Stub(5)
-    obj = DuMo(NUM_CLASSES, guidance=g, adaptive_p=1.0, adaptive_eps=0.01)
+    obj = DuMo(NUM_CLASSES, guidance=g, adaptive_p=1.0, adaptive_eps=0.01, lambda_v=1.0)
     torch.manual_seed(10)
     loss, _ = obj.loss(stub, x, y)
     ref = expected("dumo", stub, x, y, 10, guidance=g, p=1.0, eps=0.01)
@@ -429,13 +429,14 @@ def test_model_tangent_and_target_velocity(cls, tangent, target):
     torch.manual_seed(17)
     loss, _ = obj.loss(stub, x, y)
     ref = expected(kind, stub, x, y, 17, guidance=g, p=0.0, equal_fraction=obj.equal_fraction,
-                   tangent=tangent, target_velocity=target)
+                   tangent=tangent, target_velocity=target, lambda_v=obj.lambda_v)
     close(loss, ref["loss"])
     vel_call, jvp_call = stub.calls
     assert vel_call["heads"] == ("v" if cls is DuMo else "u") and vel_call["n"] == x.shape[0]
     assert torch.count_nonzero(vel_call["h"]) == 0
     assert jvp_call["heads"] == ("vu" if cls is DuMo else "u")
-    data_ref = expected(kind, stub, x, y, 17, guidance=g, p=0.0, equal_fraction=obj.equal_fraction)
+    data_ref = expected(kind, stub, x, y, 17, guidance=g, p=0.0, equal_fraction=obj.equal_fraction,
+                        lambda_v=obj.lambda_v)
     assert not torch.allclose(ref["loss"], data_ref["loss"], rtol=1e-3)
 
 
