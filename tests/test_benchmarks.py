@@ -1,0 +1,23 @@
+"""The comparison benchmark runs end to end (tiny budget) and prints its table; no timing is checked."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_compare_objectives_smoke(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "compare_objectives.py"), "--steps", "2",
+           "--seeds", "0,1", "--variants", "fm,dumo", "--per-class", "3", "--out", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert any(ln.startswith("| fm | 2 |") for ln in lines) and any(ln.startswith("| dumo | 2 |") for ln in lines)
+    assert any(ln.startswith("| dumo | ") and "±" in ln for ln in lines if "t_mid" not in ln)
+    assert sorted(os.listdir(tmp_path)) == ["dumo_seed0", "dumo_seed1", "fm_seed0", "fm_seed1"]
+    # a second call reuses the cached runs instead of retraining
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0 and "seed 0:" not in again.stdout
