@@ -244,6 +244,11 @@ def test_dit_import_round_trip(tmp_path, fmt):
     v_src, _ = src(x, t, h, y)
     v_dst, u_dst = dst(x, t, h, y)
     assert torch.equal(v_dst, v_src) and torch.equal(u_dst, v_src)
+    # the method form, model.load_pretrained_dit(path), does the same
+    dst2 = tiny_model(14)
+    report2 = dst2.load_pretrained_dit(path)
+    assert report2.unexpected == ["extra_layer.weight"] and report2.missing == report.missing
+    assert torch.equal(dst2.state_dict()["u_head.linear.weight"], sd["final_layer.linear.weight"])
 
 
 def test_strict_import_refuses_dit_file(tmp_path):

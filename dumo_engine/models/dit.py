@@ -269,6 +269,12 @@ class DualHeadDiT(nn.Module):
             nn.init.constant_(head.linear.weight, 0)
             nn.init.constant_(head.linear.bias, 0)
 
+    def load_pretrained_dit(self, path, strict: bool = False):
+        """Initialise trunk and both heads from a DiT/SiT checkpoint; returns an ImportReport (see checkpoint_import)."""
+        from .checkpoint_import import load_pretrained_dit
+
+        return load_pretrained_dit(self, path, strict=strict)
+
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         # (N, T, p*p*C) -> (N, C, H, W); channel is the fastest index within a patch, as in DiT.
         c, p = self.out_channels, self.patch_size
