@@ -13,7 +13,7 @@ test:               ## the whole suite, < 10 minutes on 2 cores
 digits:             ## the embedded default main job (< 5 minutes on 2 CPU cores)
 	dumo train --config configs/digits.yaml
 
-compare:            ## FM vs MeanFlow vs DuMo on digits, 3 seeds (about 25 minutes on 2 cores)
+compare:            ## FM vs MeanFlow vs DuMo and ablations on digits, 3 seeds (about 40 minutes on 2 cores)
 	$(PY) benchmarks/compare_objectives.py
 
 clean:

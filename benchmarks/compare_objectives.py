@@ -6,7 +6,7 @@ distance in its feature space vs held-out real digits; lower FD is better). Also
 ablations that pick METHOD.md's open choices: DuMo tangent (data | model), lambda_v, and t_mid of
 the 2-step sampler (re-scored on the trained DuMo models, no retraining).
 
-    python benchmarks/compare_objectives.py                  # full table (about 30 min on 2 cores)
+    python benchmarks/compare_objectives.py                  # full table (about 40 min on 2 cores)
     python benchmarks/compare_objectives.py --steps 50 --seeds 0 --variants fm,dumo   # smoke
 
 Results are cached per run in --out (a run already there is not retrained) and printed as

@@ -163,6 +163,35 @@ def latest_checkpoint(run_dir: str) -> Optional[str]:
     return path
 
 
+def load_newest_valid(run_dir: str) -> tuple[Optional[dict], list[str]]:
+    """The newest checkpoint of a run that loads and verifies, falling back to older kept ones.
+
+    Returns (checkpoint or None when the run has none, messages about the ones skipped). Raises
+    CheckpointError only when checkpoints exist and none of them is usable.
+    """
+    root = os.path.join(run_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return None, []
+    candidates = sorted((d for d in os.listdir(root) if d.startswith("step_")), reverse=True)
+    problems: list[str] = []
+    try:
+        pointed = latest_checkpoint(run_dir)
+    except CheckpointError as e:
+        pointed = None
+        problems.append(str(e))
+    if pointed is not None:  # the pointer's target first, then the rest newest first
+        name = os.path.basename(pointed)
+        candidates = [name] + [c for c in candidates if c != name]
+    for name in candidates:
+        try:
+            return load_checkpoint(os.path.join(root, name)), problems
+        except CheckpointError as e:
+            problems.append(str(e))
+    if problems:
+        raise CheckpointError("no usable checkpoint in " + root + ":\n  " + "\n  ".join(problems))
+    return None, []
+
+
 def load_checkpoint(path: str, verify: bool = True) -> dict:
     """Read and verify a checkpoint directory; returns tensors and metadata (no torch objects built)."""
     if not os.path.isdir(path):

@@ -6,6 +6,7 @@ ConfigError with the dotted key name in the message. The resolved config is save
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -26,6 +27,7 @@ class ModelConfig:
     in_channels: int = 1
     num_classes: int = 10  # label num_classes is the NULL class
     pretrained: Optional[str] = None  # DiT/SiT weights (safetensors or torch file) to start from
+    h_in_trunk: bool = True  # h = t - r conditions the whole trunk (both heads see it); false: only the u head
 
 
 @dataclass
@@ -62,13 +64,13 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
     ema_decay: float = 0.9999
-    ema_warmup: bool = True  # decay_k = min(ema_decay, (1 + k) / (10 + k)) at step k
+    ema_warmup: bool = False  # decay_k = min(ema_decay, (1 + k) / (10 + k)) at step k (for short runs)
 
 
 @dataclass
 class TrainConfig:
     steps: int = 1000
-    batch_size: int = 64
+    batch_size: int = 256  # global batch (MeanFlow ImageNet recipe)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "bf16"  # bf16 autocast on CUDA (no-op on CPU) | fp32
@@ -86,7 +88,6 @@ class TrainConfig:
 class SampleConfig:
     t_mid: float = 0.5  # 2-step u sampler: 1 -> t_mid -> 0 (0.5 beat 0.3 and 0.7 on digits)
     v_steps: int = 20
-    v_solver: str = "euler"  # euler | heun
     use_ema: bool = True
     seed: int = 1234
     per_class: int = 50  # samples per class for evaluation
@@ -118,7 +119,6 @@ CHOICES = {
     "data.dataset": ("digits",),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("bf16", "fp32"),
-    "sample.v_solver": ("euler", "heun"),
 }
 POSITIVE = {"optim.lr", "train.steps", "train.batch_size", "sample.v_steps", "sample.per_class",
             "sample.grid_cols", "model.input_size", "model.in_channels", "model.num_classes", "objective.P_std"}
@@ -126,7 +126,11 @@ NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "objective.lambda_v", "
                 "objective.adaptive_eps", "train.log_every", "train.ckpt_every", "train.threads",
                 "train.keep_checkpoints", "train.peak_tflops"}
 UNIT_INTERVAL = {"objective.equal_fraction", "objective.label_dropout", "objective.cfg_t_lo", "objective.cfg_t_hi",
-                 "optim.beta1", "optim.beta2", "optim.ema_decay", "data.test_fraction"}
+                 "optim.ema_decay"}
+HALF_OPEN_UNIT = {"optim.beta1", "optim.beta2"}  # [0, 1)
+OPEN_UNIT = {"data.test_fraction"}  # (0, 1)
+# What each embedded dataset feeds the model: (images, input_size, in_channels, num_classes)
+DATASETS = {"digits": (1797, 8, 1, 10)}
 METHODS = ("u1", "u2", "euler", "heun")
 
 
@@ -196,16 +200,41 @@ def validate(cfg: RunConfig) -> RunConfig:
     for key in UNIT_INTERVAL:
         if flat[key] is not None and not 0.0 <= flat[key] <= 1.0:
             raise ConfigError(f"{key} must be in [0, 1], got {flat[key]}")
+    for key in HALF_OPEN_UNIT:
+        if not 0.0 <= flat[key] < 1.0:
+            raise ConfigError(f"{key} must be in [0, 1), got {flat[key]}")
+    for key in OPEN_UNIT:
+        if not 0.0 < flat[key] < 1.0:
+            raise ConfigError(f"{key} must be in (0, 1), got {flat[key]}")
+    o = cfg.objective
+    if o.name == "flow_matching" and o.equal_fraction is not None:
+        raise ConfigError("objective.equal_fraction has no meaning for flow_matching (r = t always); leave it null")
+    if not (o.cfg_w == 1.0 and o.cfg_k == 0.0) and o.label_dropout == 0.0:
+        raise ConfigError("objective.label_dropout must be > 0 when CFG is on (cfg_w/cfg_k): "
+                          "otherwise the NULL class that the unconditional branch uses is never trained")
     if not 0.0 < cfg.sample.t_mid < 1.0:
         raise ConfigError(f"sample.t_mid must be in (0, 1), got {cfg.sample.t_mid}")
     if cfg.objective.cfg_t_lo > cfg.objective.cfg_t_hi:
         raise ConfigError("objective.cfg_t_lo must be <= objective.cfg_t_hi")
     if cfg.model.input_size % DIT_SIZES[cfg.model.name].patch_size:
         raise ConfigError(f"model.input_size {cfg.model.input_size} is not divisible by {cfg.model.name}'s patch size")
+    _check_dataset(cfg)
     for m in cfg.eval.methods:
         if m not in METHODS:
             raise ConfigError(f"eval.methods: {m!r} is not one of {', '.join(METHODS)}")
     return cfg
+
+
+def _check_dataset(cfg: RunConfig) -> None:
+    """The model must fit what the dataset feeds it, and the batch must fit the training split."""
+    images, size, channels, classes = DATASETS[cfg.data.dataset]
+    m, name = cfg.model, cfg.data.dataset
+    for key, want in (("input_size", size), ("in_channels", channels), ("num_classes", classes)):
+        if getattr(m, key) != want:
+            raise ConfigError(f"model.{key}={getattr(m, key)} does not fit data.dataset={name} ({key} {want})")
+    n_train = images - math.ceil(images * cfg.data.test_fraction)  # sklearn's train_test_split rounding
+    if cfg.train.batch_size > n_train:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {n_train} training images of {name}")
 
 
 def parse_override(arg: str) -> tuple[str, Any]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config
 from .data import DigitsData
 from .models import build_model, load_pretrained_dit
 from .objectives import OBJECTIVES, GuidanceConfig
@@ -21,7 +21,7 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu")
+        raise ConfigError("train.device=cuda but no CUDA device is available here; use train.device=cpu or auto")
     return torch.device(name)
 
 
@@ -47,7 +47,8 @@ def build_objective(cfg: RunConfig):
 
 def build_model_from_config(cfg: RunConfig) -> torch.nn.Module:
     m = cfg.model
-    return build_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes)
+    return build_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
+                       h_in_trunk=m.h_in_trunk)
 
 
 @torch.no_grad()
@@ -81,14 +82,36 @@ class TrainResult:
 
 
 def _trim_log(path: str, last_step: int) -> None:
-    """After a resume, drop log lines the interrupted run wrote past its last checkpoint."""
+    """After a resume, drop log lines the interrupted run wrote past its last checkpoint (and a torn last line)."""
     if not os.path.exists(path):
         return
+    keep = []
     with open(path) as f:
-        keep = [ln for ln in f if ln.strip() and json.loads(ln).get("step", 0) <= last_step]
+        for ln in f:
+            try:
+                row = json.loads(ln)
+            except json.JSONDecodeError:  # a line cut short when the process was killed
+                continue
+            if row.get("step", 0) <= last_step:
+                keep.append(json.dumps(row) + "\n")
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
+
+
+def _archive_previous(run_dir: str) -> None:
+    """train.resume=false into a used run directory: move the old checkpoints and log aside, never delete them."""
+    old = [p for p in ("checkpoints", "log.jsonl") if os.path.exists(os.path.join(run_dir, p))]
+    if not old:
+        return
+    k = 1
+    while os.path.exists(os.path.join(run_dir, f"previous-{k}")):
+        k += 1
+    dest = os.path.join(run_dir, f"previous-{k}")
+    os.makedirs(dest)
+    for p in old:
+        os.rename(os.path.join(run_dir, p), os.path.join(dest, p))
+    print(f"train.resume=false: the earlier run's {' and '.join(old)} moved to {dest}")
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -112,11 +135,17 @@ def train(cfg: RunConfig) -> TrainResult:
                             fused=device.type == "cuda")
 
     step = 0
-    latest = ckpt_io.latest_checkpoint(run_dir) if tc.resume else None
-    if latest is not None:
-        step = ckpt_io.restore(ckpt_io.load_checkpoint(latest), model, ema, opt)
+    ckpt = None
+    if tc.resume:
+        ckpt, skipped = ckpt_io.load_newest_valid(run_dir)
+        for msg in skipped:
+            print(f"warning: skipped a damaged checkpoint: {msg}")
+    else:
+        _archive_previous(run_dir)
+    if ckpt is not None:
+        step = ckpt_io.restore(ckpt, model, ema, opt)
         _trim_log(log_path, step)
-        print(f"resumed from {latest} at step {step}")
+        print(f"resumed from {ckpt['path']} at step {step}")
     elif os.path.exists(log_path):
         os.remove(log_path)
 
@@ -147,7 +176,9 @@ def train(cfg: RunConfig) -> TrainResult:
             count += 1
             for k, v in metrics.items():  # accumulate on device: no sync inside the step
                 sums[k] = sums.get(k, 0.0) + v.detach().float()
-            if tc.log_every and (step % tc.log_every == 0 or step == tc.steps):
+            ckpt_now = (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps
+            # a log window also closes at each checkpoint, so a resumed run logs exactly the same rows
+            if tc.log_every and (step % tc.log_every == 0 or ckpt_now):
                 dt = time.perf_counter() - t_last
                 img_s = count * tc.batch_size / dt
                 row = {"step": step, "kimg": step * tc.batch_size / 1e3,
@@ -164,7 +195,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 sums, count, t_last = {}, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
-            if (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps:
+            if ckpt_now:
                 ckpt_io.save_checkpoint(run_dir, step, model, ema, opt, meta={"model": cfg.model.name},
                                         keep=tc.keep_checkpoints)
     if bar is not None:

@@ -159,3 +159,50 @@ def test_only_keep_newest(tmp_path):
     train(tiny_config(tmp_path, "--train.steps=4", "--train.ckpt_every=1", "--train.keep_checkpoints=2"))
     names = sorted(d for d in os.listdir(tmp_path / "checkpoints") if d.startswith("step_"))
     assert names == ["step_00000003", "step_00000004"]
+
+
+def test_resume_log_matches_when_windows_and_checkpoints_misalign(tmp_path):
+    """log_every=3, ckpt_every=2: the resumed run's log rows (steps and averaged values) equal the uninterrupted run's."""
+    opts = ["--train.log_every=3", "--train.ckpt_every=2", "--train.keep_checkpoints=10"]
+    full = read_log(train(tiny_config(tmp_path / "full", "--train.steps=6", *opts)).log_path)
+    part = tmp_path / "part"
+    train(tiny_config(part, "--train.steps=2", *opts))
+    rows = read_log(train(tiny_config(part, "--train.steps=6", *opts)).log_path)
+    assert [r["step"] for r in full] == [2, 3, 4, 6]
+    assert [r["step"] for r in rows] == [r["step"] for r in full]
+    for a, b in zip(full, rows):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
+
+
+def test_torn_log_line_does_not_block_resume(tmp_path):
+    """A log line cut short by a kill is dropped on resume instead of failing it."""
+    train(tiny_config(tmp_path, "--train.steps=2", "--train.ckpt_every=2"))
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # torn
+    res = train(tiny_config(tmp_path, "--train.steps=3", "--train.ckpt_every=2"))
+    assert [r["step"] for r in read_log(res.log_path)] == [1, 2, 3]
+
+
+def test_damaged_latest_falls_back_to_previous_checkpoint(tmp_path, capsys):
+    """With the newest checkpoint damaged, resume continues from the older kept one and says so."""
+    train(tiny_config(tmp_path, "--train.steps=4", "--train.ckpt_every=2"))
+    target = tmp_path / "checkpoints" / "step_00000004" / "optimizer.safetensors"
+    with open(target, "r+b") as f:
+        f.truncate(10)
+    res = train(tiny_config(tmp_path, "--train.steps=5", "--train.ckpt_every=2"))
+    out = capsys.readouterr().out
+    assert "skipped a damaged checkpoint" in out and "optimizer.safetensors" in out
+    assert "step_00000002 at step 2" in out
+    assert res.step == 5 and [r["step"] for r in read_log(res.log_path)] == [1, 2, 3, 4, 5]
+
+
+def test_fresh_run_into_used_directory_archives_the_old_one(tmp_path):
+    """train.resume=false never deletes an earlier run: its checkpoints and log move to previous-N/."""
+    first = train(tiny_config(tmp_path, "--train.steps=2", "--train.resume=false"))
+    first_w = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(str(tmp_path)))["model"]
+    train(tiny_config(tmp_path, "--train.steps=1", "--train.resume=false", "--train.seed=7"))
+    archived = ckpt_io.load_checkpoint(str(tmp_path / "previous-1" / "checkpoints" / "step_00000002"))
+    assert _state_equal(archived["model"], first_w) and _state_equal(first_w, first.model.state_dict())
+    assert len(read_log(str(tmp_path / "previous-1" / "log.jsonl"))) == 2
+    assert ckpt_io.latest_checkpoint(str(tmp_path)).endswith("step_00000001")
+    assert [r["step"] for r in read_log(str(tmp_path / "log.jsonl"))] == [1]

@@ -27,6 +27,14 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
     (["--sample.t_mid=1.0"], "sample.t_mid"),
     (["--eval.methods=[u1,u3]"], "eval.methods"),
     (["--model.input_size=7"], "model.input_size"),
+    (["--model.input_size=16"], "model.input_size"),
+    (["--model.in_channels=3"], "model.in_channels"),
+    (["--model.num_classes=9"], "model.num_classes"),
+    (["--optim.beta1=1.0"], "optim.beta1"),
+    (["--data.test_fraction=0"], "data.test_fraction"),
+    (["--train.batch_size=5000"], "train.batch_size"),
+    (["--objective.name=flow_matching", "--objective.equal_fraction=0.5"], "objective.equal_fraction"),
+    (["--objective.cfg_k=0.5", "--objective.label_dropout=0"], "objective.label_dropout"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -85,3 +93,9 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert x.shape == (3, 1, 8, 8) and np.isfinite(x).all()
     assert main(["eval", "--run", str(run), "--sample.per_class=4"]) == 0
     assert main(["sample", "--run", str(tmp_path / "nope")]) == 2
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")
+def test_cuda_requested_without_cuda_names_the_key(tmp_path, capsys):
+    assert main(["train", "--config", DIGITS, "--train.device=cuda", f"--train.out_dir={tmp_path}"]) == 2
+    assert "train.device" in capsys.readouterr().err

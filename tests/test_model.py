@@ -201,8 +201,11 @@ def _check_imported(dst: DualHeadDiT, src_sd: dict[str, torch.Tensor], before: d
     got = dst.state_dict()
     h_keys = sorted(k for k in got if k.startswith("h_embedder."))
     assert h_keys and report.missing == h_keys  # h_embedder reported missing, by name, and nothing else
-    for k in h_keys:  # ... and kept at its previous value
-        assert torch.equal(got[k], before[k])
+    for k in h_keys:  # ... kept at its previous value, except the output layer, zeroed to preserve the function
+        if k in report.zeroed:
+            assert torch.count_nonzero(got[k]) == 0 and torch.count_nonzero(before[k]) > 0
+        else:
+            assert torch.equal(got[k], before[k])
     for k, v in src_sd.items():
         if k.startswith("final_layer."):
             for head in ("v_head", "u_head"):
@@ -295,7 +298,7 @@ def test_learn_sigma_import_keeps_first_c_channels_per_position(tmp_path):
     x, t, h, y = inputs(3, C, 8, NUM_CLASSES, seed=24)
     with torch.no_grad():
         v, u = dst(x, t, h, y)
-        tokens, c = dst.trunk(x, t, h, y)
+        tokens, c, _ = dst.trunk(x, t, h, y)
         shift, scale = dst.v_head.adaLN_modulation(c).chunk(2, dim=1)
         feats = modulate(dst.v_head.norm_final(tokens), shift, scale)
         full = feats @ W2.T + B2  # (N, T, p*p*2C): what DiT's final layer outputs
@@ -379,3 +382,36 @@ def test_nested_and_prefixed_checkpoints(tmp_path, wrap):
     report = load_pretrained_dit(dst, path)
     assert report.unexpected == []
     _check_imported(dst, sd, before, report)
+
+
+def test_h_only_in_u_head_makes_v_independent_of_h():
+    """h_in_trunk=False: v is exactly h-independent, u still depends on h; same parameter count."""
+    m = randomize_(build_model("DiT-tiny", input_size=8, in_channels=4, num_classes=NUM_CLASSES, h_in_trunk=False), 5)
+    ref = build_model("DiT-tiny", input_size=8, in_channels=4, num_classes=NUM_CLASSES)
+    assert sum(p.numel() for p in m.parameters()) == sum(p.numel() for p in ref.parameters())
+    x, t, h, y = inputs(3, 4, 8, NUM_CLASSES, seed=6)
+    v1, u1 = m(x, t, h, y)
+    v2, u2 = m(x, t, h * 0.3, y)
+    assert torch.equal(v1, v2) and not torch.allclose(u1, u2)
+    v3, u3 = m(x, t, h, y, heads="v")
+    assert torch.equal(v3, v1) and u3 is None
+    # with h in the trunk (default) v does depend on h
+    randomize_(ref, 5)
+    assert not torch.allclose(ref(x, t, h, y)[0], ref(x, t, h * 0.3, y)[0])
+
+
+def test_import_zeroes_h_embedder_output_so_function_is_preserved(tmp_path):
+    """After a DiT import the h embedder outputs 0: any h gives the same outputs as h = 0."""
+    src = tiny_model(21)
+    path = tmp_path / "dit.safetensors"
+    safetensors.torch.save_file(dit_state_dict(src), str(path))
+    dst = tiny_model(22)
+    report = dst.load_pretrained_dit(path)
+    assert report.zeroed == ["h_embedder.mlp.2.weight", "h_embedder.mlp.2.bias"] and "zeroed" in report.summary()
+    x, t, h, y = inputs(2, 4, 8, NUM_CLASSES, seed=23)
+    v_h, u_h = dst(x, t, h, y)
+    v_0, u_0 = dst(x, t, torch.zeros_like(h), y)
+    assert torch.equal(v_h, v_0) and torch.equal(u_h, u_0)
+    # the h embedder still trains: its output layer gets a gradient
+    dst(x, t, h, y)[1].square().sum().backward()
+    assert dst.h_embedder.mlp[2].weight.grad.abs().sum() > 0

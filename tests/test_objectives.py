@@ -548,3 +548,13 @@ def test_logit_normal_statistics():
     # t is the max of two draws: its logit mean is mean + std / sqrt(pi)
     lt = torch.log(t.double()) - torch.log1p(-t.double())
     assert abs(lt.mean().item() - (-0.4 + 1 / math.sqrt(math.pi))) < 0.05
+
+
+def test_guidance_for_model_sizes():
+    """Per-size ImageNet guidance from METHOD.md; unknown sizes get guidance off."""
+    xl = GuidanceConfig.for_model("DiT-XL/2")
+    assert (xl.w, xl.k, xl.t_lo, xl.t_hi, xl.enabled) == (0.2, 0.92, 0.0, 0.75, True)
+    b = GuidanceConfig.for_model("DiT-B/2")
+    assert (b.w, b.k, b.t_hi) == (1.0, 0.5, 1.0)
+    assert GuidanceConfig.for_model("DiT-L/2").t_hi == 0.8
+    assert not GuidanceConfig.for_model("DiT-digits").enabled

@@ -5,6 +5,14 @@ Checkpoints trained with learn_sigma have 2C output channels per patch position:
 puts the channel fastest, so the linear's rows are laid out (p, q, 2C) and we keep the first C
 channels of each (p, q) group — not simply the first half of the rows.
 
+The h embedder does not exist in DiT/SiT: its output layer is zeroed on import, so the imported
+model computes exactly what the checkpoint computes (h_embed = 0) and learns h from there.
+
+Time conventions differ, and only the weights are carried over: DiT is an epsilon-prediction model
+with t in [0, 1000) and noise at t -> 1000 (our t * 1000, the same direction); SiT uses t in [0, 1]
+with data at t = 1 and predicts velocity of the opposite direction. The imported heads therefore
+start from a related but different output, and fine-tuning adapts them; nothing is converted.
+
 Files are read as safetensors, or as torch files with weights_only=True (never unpickled).
 """
 from __future__ import annotations
@@ -29,11 +37,14 @@ class ImportReport:
     missing: list[str] = field(default_factory=list)  # ours, not in the file (kept at their init)
     unexpected: list[str] = field(default_factory=list)  # in the file, not used
     converted: list[str] = field(default_factory=list)  # learn-sigma channels dropped
+    zeroed: list[str] = field(default_factory=list)  # set to zero so the import preserves the function
 
     def summary(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
         if self.converted:
             lines.append("dropped learn-sigma channels: " + ", ".join(self.converted))
+        if self.zeroed:
+            lines.append("zeroed (h_embed starts at 0, the checkpoint's function is preserved): " + ", ".join(self.zeroed))
         if self.missing:
             lines.append("missing (kept at init): " + ", ".join(self.missing))
         if self.unexpected:
@@ -112,4 +123,10 @@ def load_pretrained_dit(model: DualHeadDiT, path: str | os.PathLike, strict: boo
     if strict and (report.missing or report.unexpected):
         raise CheckpointFormatError(f"strict load of {path} failed:\n{report.summary()}")
     model.load_state_dict(converted, strict=False)
+    if not any(k.startswith("h_embedder.") for k in converted):
+        last = model.h_embedder.mlp[2]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.zero_()
+        report.zeroed = ["h_embedder.mlp.2.weight", "h_embedder.mlp.2.bias"]
     return report

@@ -216,6 +216,7 @@ class DualHeadDiT(nn.Module):
         num_heads: int = 16,
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
+        h_in_trunk: bool = True,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -227,6 +228,9 @@ class DualHeadDiT(nn.Module):
         self.num_heads = num_heads
         self.num_classes = num_classes
         self.hidden_size = hidden_size
+        # True: c = t + h + y conditions every block and both heads. False: blocks and the v head see
+        # c = t + y only, and h enters through the u head's adaLN alone (v is then exactly h-independent).
+        self.h_in_trunk = h_in_trunk
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
@@ -283,26 +287,32 @@ class DualHeadDiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def trunk(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor):
-        """Shared trunk: returns token features (N, T, D) and conditioning c (N, D)."""
+    def trunk(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor, heads: str = "vu"):
+        """Shared trunk: token features (N, T, D) and the conditioning (N, D) of the v head and of the u head."""
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
-        c = self.t_embedder(t) + self.h_embedder(h) + self.y_embedder(y)  # (N, D)
+        if self.h_in_trunk:
+            c = self.t_embedder(t) + self.h_embedder(h) + self.y_embedder(y)
+            c_v = c_u = c
+        else:
+            c_v = self.t_embedder(t) + self.y_embedder(y)
+            c_u = c_v + self.h_embedder(h) if "u" in heads else None
         for block in self.blocks:
-            tokens = block(tokens, c)
-        return tokens, c
+            tokens = block(tokens, c_v)
+        return tokens, c_v, c_u
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor, heads: str = "vu"):
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"expected x of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
             )
-        tokens, c = self.trunk(x, t, h, y)
-        v = self.unpatchify(self.v_head(tokens, c)) if "v" in heads else None
-        u = self.unpatchify(self.u_head(tokens, c)) if "u" in heads else None
+        tokens, c_v, c_u = self.trunk(x, t, h, y, heads)
+        v = self.unpatchify(self.v_head(tokens, c_v)) if "v" in heads else None
+        u = self.unpatchify(self.u_head(tokens, c_u)) if "u" in heads else None
         return v, u
 
 
-def build_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000) -> DualHeadDiT:
+def build_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
+                h_in_trunk: bool = True) -> DualHeadDiT:
     """Build a dual-head DiT from the size registry, e.g. build_model("DiT-XL/2")."""
     if name not in DIT_SIZES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(DIT_SIZES)}")
@@ -316,4 +326,5 @@ def build_model(name: str, input_size: int = 32, in_channels: int = 4, num_class
         num_heads=s.num_heads,
         mlp_ratio=s.mlp_ratio,
         num_classes=num_classes,
+        h_in_trunk=h_in_trunk,
     )

@@ -1,7 +1,7 @@
-from .common import GuidanceConfig
+from .common import GUIDANCE_BY_SIZE, GuidanceConfig
 from .flow_map import DuMo, MeanFlow
 from .flow_matching import FlowMatching
 
 OBJECTIVES = {"flow_matching": FlowMatching, "meanflow": MeanFlow, "dumo": DuMo}
 
-__all__ = ["FlowMatching", "MeanFlow", "DuMo", "GuidanceConfig", "OBJECTIVES"]
+__all__ = ["FlowMatching", "MeanFlow", "DuMo", "GuidanceConfig", "GUIDANCE_BY_SIZE", "OBJECTIVES"]

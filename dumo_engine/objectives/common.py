@@ -24,6 +24,20 @@ class GuidanceConfig:
     def enabled(self) -> bool:
         return not (self.w == 1.0 and self.k == 0.0)
 
+    @classmethod
+    def for_model(cls, name: str, label_dropout: float = 0.1) -> "GuidanceConfig":
+        """MeanFlow's ImageNet-256 guidance for a model size (METHOD.md); sizes without one get guidance off."""
+        w, k, t_lo, t_hi = GUIDANCE_BY_SIZE.get(name, (1.0, 0.0, 0.0, 1.0))
+        return cls(w=w, k=k, t_lo=t_lo, t_hi=t_hi, label_dropout=label_dropout)
+
+
+# (w, k, t_lo, t_hi) for ImageNet 256, from MeanFlow's recipe as METHOD.md lists it.
+GUIDANCE_BY_SIZE = {
+    "DiT-B/2": (1.0, 0.5, 0.0, 1.0),
+    "DiT-L/2": (0.2, 0.92, 0.0, 0.8),
+    "DiT-XL/2": (0.2, 0.92, 0.0, 0.75),
+}
+
 
 def logit_normal(n: int, mean: float, std: float, device) -> torch.Tensor:
     """sigmoid(N(mean, std^2)) samples, (n,)."""
