@@ -43,6 +43,7 @@ VARIANTS = {
     "dumo_lambda_v_8": ["--objective.name=dumo", "--objective.lambda_v=8.0"],
     "dumo_lambda_v_4_cfg": ["--objective.name=dumo", "--objective.lambda_v=4.0", "--objective.cfg_w=1.0",
                             "--objective.cfg_k=0.5"],
+    "dumo_lambda_v_4_h_u_only": ["--objective.name=dumo", "--objective.lambda_v=4.0", "--model.h_in_trunk=false"],
 }
 T_MIDS = (0.3, 0.5, 0.7)
 
