@@ -18,17 +18,14 @@ from .config import ConfigError, from_dict, load_config, to_dict
 def _load_run(run_dir: str, overrides=()):
     """Config and model (EMA weights unless sample.use_ema=false) of a finished or running run."""
     from . import checkpoint as ckpt_io
-    from .config import _apply, _nest, parse_override, validate
+    from .config import apply_overrides
     from .train import build_model_from_config
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a run directory: config.yaml is missing")
     with open(path) as f:
-        cfg = from_dict(yaml.safe_load(f))
-    for arg in overrides:
-        _apply(cfg, _nest(*parse_override(arg)))
-    validate(cfg)
+        cfg = apply_overrides(from_dict(yaml.safe_load(f)), overrides)
     latest = ckpt_io.latest_checkpoint(run_dir)
     if latest is None:
         raise ckpt_io.CheckpointError(f"{run_dir} has no checkpoint yet")

@@ -288,9 +288,13 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequ
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         _apply(cfg, _fix_yaml_floats(data))
+    return apply_overrides(cfg, overrides)
+
+
+def apply_overrides(cfg: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:
+    """Apply --section.key=value overrides in order, then validate."""
     for arg in overrides:
-        key, value = parse_override(arg)
-        _apply(cfg, _nest(key, value))
+        _apply(cfg, _nest(*parse_override(arg)))
     return validate(cfg)
 
 
