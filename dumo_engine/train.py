@@ -101,9 +101,9 @@ def _trim_log(path: str, last_step: int) -> None:
 
 def _archive_previous(run_dir: str) -> None:
     """train.resume=false into a used run directory: move the old checkpoints and log aside, never delete them."""
-    old = [p for p in ("checkpoints", "log.jsonl") if os.path.exists(os.path.join(run_dir, p))]
-    if not old:
+    if not any(os.path.exists(os.path.join(run_dir, p)) for p in ("checkpoints", "log.jsonl")):
         return
+    old = [p for p in ("checkpoints", "log.jsonl", "config.yaml", "eval.json") if os.path.exists(os.path.join(run_dir, p))]
     k = 1
     while os.path.exists(os.path.join(run_dir, f"previous-{k}")):
         k += 1
@@ -121,6 +121,8 @@ def train(cfg: RunConfig) -> TrainResult:
         torch.set_num_threads(tc.threads)
     run_dir = tc.out_dir
     os.makedirs(run_dir, exist_ok=True)
+    if not tc.resume:
+        _archive_previous(run_dir)
     save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log_path = os.path.join(run_dir, "log.jsonl")
 
@@ -140,8 +142,6 @@ def train(cfg: RunConfig) -> TrainResult:
         ckpt, skipped = ckpt_io.load_newest_valid(run_dir)
         for msg in skipped:
             print(f"warning: skipped a damaged checkpoint: {msg}")
-    else:
-        _archive_previous(run_dir)
     if ckpt is not None:
         step = ckpt_io.restore(ckpt, model, ema, opt)
         _trim_log(log_path, step)

@@ -204,5 +204,7 @@ def test_fresh_run_into_used_directory_archives_the_old_one(tmp_path):
     archived = ckpt_io.load_checkpoint(str(tmp_path / "previous-1" / "checkpoints" / "step_00000002"))
     assert _state_equal(archived["model"], first_w) and _state_equal(first_w, first.model.state_dict())
     assert len(read_log(str(tmp_path / "previous-1" / "log.jsonl"))) == 2
+    assert "seed: 0" in (tmp_path / "previous-1" / "config.yaml").read_text()
+    assert "seed: 7" in (tmp_path / "config.yaml").read_text()
     assert ckpt_io.latest_checkpoint(str(tmp_path)).endswith("step_00000001")
     assert [r["step"] for r in read_log(str(tmp_path / "log.jsonl"))] == [1]
