@@ -46,7 +46,7 @@ class ObjectiveConfig:
     tangent: str = "data"  # data | model (flow-map objectives); a tie on digits, data needs no extra pass
     target_velocity: str = "data"  # data | model
     lambda_v: float = 4.0  # DuMo only; chosen by benchmarks/compare_objectives.py (see RESULTS.md)
-    jvp_backend: str = "func"  # func | forward_ad
+    jvp_backend: str = "auto"  # auto (fused on CUDA, func on CPU) | fused | func | forward_ad
 
 
 @dataclass
@@ -115,7 +115,7 @@ CHOICES = {
     "objective.name": ("dumo", "meanflow", "flow_matching"),
     "objective.tangent": ("data", "model"),
     "objective.target_velocity": ("data", "model"),
-    "objective.jvp_backend": ("func", "forward_ad"),
+    "objective.jvp_backend": ("auto", "fused", "func", "forward_ad"),
     "data.dataset": ("digits",),
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("bf16", "fp32"),

@@ -273,6 +273,14 @@ class DualHeadDiT(nn.Module):
             nn.init.constant_(head.linear.weight, 0)
             nn.init.constant_(head.linear.bias, 0)
 
+    def forward_with_jvp(self, z: torch.Tensor, t: torch.Tensor, r: torch.Tensor, y: torch.Tensor,
+                         tangent: torch.Tensor, heads: str = "vu"):
+        """(v_hat, u_hat, du/dt) along (z, t, r) -> (tangent, 1, 0) in one ordinary forward (no torch.func).
+
+        Only v_hat and u_hat carry gradients; du/dt is detached and no tangent activation is saved.
+        """
+        return self(z, t, t - r, y, heads=heads, tangent=tangent)
+
     def load_pretrained_dit(self, path, strict: bool = False):
         """Initialise trunk and both heads from a DiT/SiT checkpoint; returns an ImportReport (see checkpoint_import)."""
         from .checkpoint_import import load_pretrained_dit
@@ -300,11 +308,18 @@ class DualHeadDiT(nn.Module):
             tokens = block(tokens, c_v)
         return tokens, c_v, c_u
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor, heads: str = "vu"):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, y: torch.Tensor, heads: str = "vu",
+                tangent: torch.Tensor | None = None):
+        """(v, u); with `tangent` (dz/dt, shape of x): (v, u, du/dt) from the fused forward + JVP pass,
+        tangents (tangent, 1, 1) for (x, t, h). Going through forward keeps DDP/DeepSpeed wrappers in the loop."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-2:] != (self.input_size, self.input_size):
             raise ValueError(
                 f"expected x of shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), got {tuple(x.shape)}"
             )
+        if tangent is not None:
+            from ..jvp.fused import dit_forward_jvp
+
+            return dit_forward_jvp(self, x, t, h, y, tangent, heads)
         tokens, c_v, c_u = self.trunk(x, t, h, y, heads)
         v = self.unpatchify(self.v_head(tokens, c_v)) if "v" in heads else None
         u = self.unpatchify(self.u_head(tokens, c_u)) if "u" in heads else None

@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 
 from ..jvp import JVP_BACKENDS, flow_map_jvp
+
+# fused: the model's own forward + JVP pass (model(..., tangent=a)); func / forward_ad: the torch reference;
+# auto: fused on CUDA, func elsewhere.
+OBJECTIVE_JVP = ("auto", "fused") + JVP_BACKENDS
 from .common import (GuidanceConfig, adaptive_weight, bcast, drop_labels, guided_target, model_velocity,
                      per_sample_sq, sample_t_r)
 
@@ -23,12 +27,12 @@ class _FlowMapObjective:
 
     def __init__(self, num_classes: int, P_mean: float = -0.4, P_std: float = 1.0, equal_fraction: float = 0.0,
                  guidance: GuidanceConfig | None = None, adaptive_p: float = 1.0, adaptive_eps: float = 0.01,
-                 tangent: str = "data", target_velocity: str = "data", jvp_backend: str = "func"):
+                 tangent: str = "data", target_velocity: str = "data", jvp_backend: str = "auto"):
         for key, val in (("tangent", tangent), ("target_velocity", target_velocity)):
             if val not in CHOICES:
                 raise ValueError(f"objective.{key} must be one of {CHOICES}, got {val!r}")
-        if jvp_backend not in JVP_BACKENDS:
-            raise ValueError(f"objective.jvp_backend must be one of {JVP_BACKENDS}, got {jvp_backend!r}")
+        if jvp_backend not in OBJECTIVE_JVP:
+            raise ValueError(f"objective.jvp_backend must be one of {OBJECTIVE_JVP}, got {jvp_backend!r}")
         if not 0.0 <= equal_fraction <= 1.0:
             raise ValueError(f"objective.equal_fraction must be in [0, 1], got {equal_fraction}")
         self.null_class = num_classes
@@ -63,10 +67,17 @@ class _FlowMapObjective:
         b = v_g if self.target_velocity == "data" else v_c
         heads = self.heads
 
-        def fn(z_, t_, h_):
-            return model(z_, t_, h_, y, heads=heads)
+        backend = self.jvp_backend
+        if backend == "auto":
+            backend = "fused" if z.is_cuda else "func"
+        if backend == "fused":  # one ordinary forward: works through DDP / DeepSpeed wrappers
+            v_hat, u_hat, dudt = model(z, t, t - r, y, heads=heads, tangent=a)
+            dudt = dudt.float()
+        else:
+            def fn(z_, t_, h_):
+                return model(z_, t_, h_, y, heads=heads)
 
-        v_hat, u_hat, dudt = flow_map_jvp(fn, z, t, t - r, a, backend=self.jvp_backend)
+            v_hat, u_hat, dudt = flow_map_jvp(fn, z, t, t - r, a, backend=backend)
         # u_tgt = sg(b - clip(t - r, 0, 1) du/dt)
         u_tgt = (b - bcast((t - r).clamp(0, 1), z) * dudt).detach()
         raw_u = per_sample_sq(u_hat - u_tgt)

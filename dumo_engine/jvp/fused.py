@@ -1,0 +1,182 @@
+"""Fused forward + JVP pass of the dual-head DiT: one ordinary forward returning (v_hat, u_hat, du/dt).
+
+No torch.func: every module computes its primal output (recorded by autograd, exactly the graph of a
+plain forward) and, under torch.no_grad, its tangent from the same inputs and weights. The tangent is
+therefore never differentiated and no tangent activation is saved for backward, and the pass works
+inside any wrapper (DDP, DeepSpeed) because it is reached through model.forward(..., tangent=...).
+
+Tangents of the network inputs: (z, t, h) -> (tangent, 1, 1), i.e. (z, t, r) -> (tangent, 1, 0).
+The tangent rules are written here in plain PyTorch; fused kernels (Triton attention-JVP, CUDA
+row-wise ops) replace them one by one and are tested against this module and against the
+torch.func reference (jvp/reference.py).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+_GELU_K = math.sqrt(2.0 / math.pi)
+
+
+def _acc(x: torch.Tensor) -> torch.Tensor:
+    """Accumulation dtype for tangent math: fp32 for half precision, else unchanged (float64 stays)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+# ---------------------------------------------------------------------------------------------------
+# tangent rules (call under torch.no_grad; primal tensors are read, never recorded)
+# ---------------------------------------------------------------------------------------------------
+def silu_tangent(x: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
+    # silu(x) = x s(x);  silu'(x) = s (1 + x (1 - s))
+    x = _acc(x)
+    s = torch.sigmoid(x)
+    return x_dot * (s * (1 + x * (1 - s)))
+
+
+def gelu_tanh_tangent(x: torch.Tensor, x_dot: torch.Tensor) -> torch.Tensor:
+    # gelu(x) = x/2 (1 + th), th = tanh(k (x + 0.044715 x^3))
+    # gelu'(x) = (1 + th)/2 + x/2 (1 - th^2) k (1 + 3 * 0.044715 x^2)
+    x = _acc(x)
+    th = torch.tanh(_GELU_K * (x + 0.044715 * x.pow(3)))
+    d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _GELU_K * (1 + 3 * 0.044715 * x * x)
+    return x_dot * d
+
+
+def layernorm_modulate_tangent(x, x_dot, scale, shift_dot, scale_dot, eps: float):
+    """Tangent of y = n (1 + scale) + shift, n = LayerNorm(x) without affine.
+
+    n_dot = rstd (x_dot - mean(x_dot) - n mean(n x_dot));  y_dot = n_dot (1 + scale) + n scale_dot + shift_dot
+    x, x_dot: (N, T, D); scale, shift_dot, scale_dot: (N, D).
+    """
+    xf = _acc(x)
+    mu = xf.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
+    n = (xf - mu) * rstd
+    n_dot = rstd * (x_dot - x_dot.mean(-1, keepdim=True) - n * (n * x_dot).mean(-1, keepdim=True))
+    return n_dot * (1 + _acc(scale).unsqueeze(1)) + n * scale_dot.unsqueeze(1) + shift_dot.unsqueeze(1)
+
+
+def attention_tangent(q, k, v, q_dot, k_dot, v_dot) -> torch.Tensor:
+    """O_dot of O = softmax(q k^T / sqrt(d)) v, in fp32. Inputs (N, H, T, d).
+
+    S_dot = (q_dot k^T + q k_dot^T) / sqrt(d);  O_dot = P v_dot + (P o S_dot) v - rowsum(P o S_dot) O
+    (the same quantities a flash-style kernel accumulates as acc_A, acc_B and mu).
+    """
+    q, k, v = _acc(q), _acc(k), _acc(v)
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    p = torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1)  # (N, H, T, T)
+    s_dot = (_acc(q_dot) @ k.transpose(-1, -2) + q @ _acc(k_dot).transpose(-1, -2)) * scale
+    ps = p * s_dot
+    o = p @ v
+    return p @ _acc(v_dot) + ps @ v - ps.sum(-1, keepdim=True) * o
+
+
+def timestep_embedder_jvp(emb, t: torch.Tensor, t_dot: torch.Tensor):
+    """(emb(t), d emb(t)/dt * t_dot) for TimestepEmbedder: sinusoids of t * time_scale, then MLP."""
+    out = emb(t)
+    with torch.no_grad():
+        dim, half = emb.frequency_embedding_size, emb.frequency_embedding_size // 2
+        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=dtype, device=t.device) / half)
+        a = (t.to(dtype) * emb.time_scale)[:, None] * freqs[None]  # (N, half)
+        a_dot = (t_dot.to(dtype) * emb.time_scale)[:, None] * freqs[None]
+        feat = torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
+        feat_dot = torch.cat([-torch.sin(a) * a_dot, torch.cos(a) * a_dot], dim=-1)
+        if dim % 2:
+            feat, feat_dot = F.pad(feat, (0, 1)), F.pad(feat_dot, (0, 1))
+        lin0, lin2 = emb.mlp[0], emb.mlp[2]
+        w_dtype = lin0.weight.dtype
+        h0 = lin0(feat.to(w_dtype))
+        h0_dot = F.linear(feat_dot.to(w_dtype), lin0.weight)
+        out_dot = F.linear(silu_tangent(h0, h0_dot).to(lin2.weight.dtype), lin2.weight)
+    return out, out_dot
+
+
+def _lin_t(x_dot: torch.Tensor, layer) -> torch.Tensor:
+    """Tangent of a Linear: x_dot W^T (no bias); under autocast the GEMM runs in its precision."""
+    return F.linear(x_dot.to(layer.weight.dtype), layer.weight)
+
+
+# ---------------------------------------------------------------------------------------------------
+# module passes: primal (recorded) + tangent (no grad)
+# ---------------------------------------------------------------------------------------------------
+def _attention_jvp(attn, x, x_dot):
+    N, T, D = x.shape
+    qkv = attn.qkv(x).reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    o = F.scaled_dot_product_attention(q, k, v)
+    out = attn.proj(o.transpose(1, 2).reshape(N, T, D))
+    with torch.no_grad():
+        qkv_dot = _lin_t(x_dot, attn.qkv).reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+        o_dot = attention_tangent(q, k, v, *qkv_dot.unbind(0))
+        out_dot = _lin_t(o_dot.transpose(1, 2).reshape(N, T, D), attn.proj)
+    return out, out_dot
+
+
+def _block_jvp(blk, x, x_dot, c, silu_c_dot):
+    from ..models.dit import modulate
+
+    mods = blk.adaLN_modulation(c).chunk(6, dim=1)
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    with torch.no_grad():
+        mods_dot = _lin_t(silu_c_dot, blk.adaLN_modulation[1]).chunk(6, dim=1)
+        shift_msa_d, scale_msa_d, gate_msa_d, shift_mlp_d, scale_mlp_d, gate_mlp_d = mods_dot
+        a_in_dot = layernorm_modulate_tangent(x, x_dot, scale_msa, shift_msa_d, scale_msa_d, blk.norm1.eps)
+    a_out, a_out_dot = _attention_jvp(blk.attn, modulate(blk.norm1(x), shift_msa, scale_msa), a_in_dot)
+    x_new = x + gate_msa.unsqueeze(1) * a_out
+    with torch.no_grad():
+        # gated residual: (x + g h)' = x_dot + g_dot h + g h_dot
+        x_dot = x_dot + gate_msa_d.unsqueeze(1) * a_out + gate_msa.unsqueeze(1) * a_out_dot
+        m_in_dot = layernorm_modulate_tangent(x_new, x_dot, scale_mlp, shift_mlp_d, scale_mlp_d, blk.norm2.eps)
+    h1 = blk.mlp.fc1(modulate(blk.norm2(x_new), shift_mlp, scale_mlp))
+    a1 = blk.mlp.act(h1)
+    out = blk.mlp.fc2(a1)
+    with torch.no_grad():
+        a1_dot = gelu_tanh_tangent(h1, _lin_t(m_in_dot, blk.mlp.fc1))
+        out_dot = _lin_t(a1_dot, blk.mlp.fc2)
+    x_out = x_new + gate_mlp.unsqueeze(1) * out
+    with torch.no_grad():
+        x_dot = x_dot + gate_mlp_d.unsqueeze(1) * out + gate_mlp.unsqueeze(1) * out_dot
+    return x_out, x_dot
+
+
+def _final_layer_jvp(head, x, x_dot, c, silu_c_dot):
+    from ..models.dit import modulate
+
+    shift, scale = head.adaLN_modulation(c).chunk(2, dim=1)
+    y = head.linear(modulate(head.norm_final(x), shift, scale))
+    with torch.no_grad():
+        shift_d, scale_d = _lin_t(silu_c_dot, head.adaLN_modulation[1]).chunk(2, dim=1)
+        in_dot = layernorm_modulate_tangent(x, x_dot, scale, shift_d, scale_d, head.norm_final.eps)
+        y_dot = _lin_t(in_dot, head.linear)
+    return y, y_dot
+
+
+def dit_forward_jvp(model, x, t, h, y, x_dot, heads: str = "vu"):
+    """(v_hat or None, u_hat, du/dt) for DualHeadDiT `model`; tangents (x_dot, 1, 1) for (x, t, h)."""
+    if "u" not in heads:
+        raise ValueError("the JVP pass needs the u head: heads must contain 'u'")
+    ones = torch.ones_like(t)
+    tokens = model.x_embedder(x) + model.pos_embed
+    with torch.no_grad():
+        pe = model.x_embedder.proj
+        tok_dot = F.conv2d(x_dot.to(pe.weight.dtype), pe.weight, None, stride=pe.stride).flatten(2).transpose(1, 2)
+    te, te_dot = timestep_embedder_jvp(model.t_embedder, t, ones)
+    he, he_dot = timestep_embedder_jvp(model.h_embedder, h, ones)
+    ye = model.y_embedder(y)
+    if model.h_in_trunk:
+        c_v = c_u = te + he + ye
+        c_v_dot = c_u_dot = te_dot + he_dot
+    else:
+        c_v, c_v_dot = te + ye, te_dot
+        c_u, c_u_dot = c_v + he, te_dot + he_dot
+    with torch.no_grad():  # SiLU of c feeds every adaLN: its tangent is computed once
+        silu_cv_dot = silu_tangent(c_v, c_v_dot)
+        silu_cu_dot = silu_cv_dot if c_u is c_v else silu_tangent(c_u, c_u_dot)
+    for blk in model.blocks:
+        tokens, tok_dot = _block_jvp(blk, tokens, tok_dot, c_v, silu_cv_dot)
+    v = model.unpatchify(model.v_head(tokens, c_v)) if "v" in heads else None  # no v tangent: not needed
+    u, u_dot = _final_layer_jvp(model.u_head, tokens, tok_dot, c_u, silu_cu_dot)
+    return v, model.unpatchify(u), model.unpatchify(u_dot).detach()
