@@ -21,3 +21,17 @@ def test_compare_objectives_smoke(tmp_path):
     # a second call reuses the cached runs instead of retraining
     again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert again.returncode == 0 and "seed 0:" not in again.stdout
+
+
+def test_bench_train_step_cpu_smoke(tmp_path):
+    """bench_train_step runs its three cases on CPU and writes one JSONL row each (no timing checked)."""
+    import json
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train_step.py"), "--cpu", "--models", "DiT-tiny",
+           "--batch", "4", "--iters", "2", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["flow_matching", "dumo_reference", "dumo_fused"]
+    assert all(r["timing"]["median_ms"] > 0 and r["flops"] > 0 and "commit" in r for r in rows)
+    assert rows[2]["ref_ms"] == rows[1]["timing"]["median_ms"]

@@ -1,0 +1,134 @@
+"""Whole training step: flow matching vs DuMo (reference torch.func JVP) vs DuMo (fused forward + JVP).
+
+Per case: ms/step (median, p20-p80), img/s, peak memory (CUDA), and MFU against the card's measured bf16
+GEMM peak (measured in the same run), with FLOPs from the DESIGN.md cost model: forward FLOPs/img counted
+by torch's FlopCounterMode on a plain forward, times 3.0 (flow matching), 4.04 (DuMo fused: primal+tangent
+forward 2.04 + primal backward 2.0), plus 2.0 with folded CFG (two no-grad v-head passes).
+
+  python benchmarks/bench_train_step.py                 # CUDA: DiT-XL/2 and B/2, bf16, largest batch that fits
+  python benchmarks/bench_train_step.py --cpu           # CPU: DiT-digits-size model on 8x8 inputs, fp32
+  python benchmarks/bench_train_step.py --models DiT-B/2 --batch 64 --out benchmarks/out/train_step.jsonl
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import Row, device_name, emit, measure, peak_memory_gib  # noqa: E402
+
+from dumo_engine.models import build_model  # noqa: E402
+from dumo_engine.objectives import DuMo, FlowMatching, GuidanceConfig  # noqa: E402
+from dumo_engine.train import autocast_ctx  # noqa: E402
+
+STEP_FACTOR = {"flow_matching": 3.0, "dumo_reference": 4.04, "dumo_fused": 4.04}
+CFG_FACTOR = 2.0
+
+
+def forward_flops_per_img(model, x, y) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    t = torch.rand(x.shape[0], device=x.device)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(x, t, t * 0.5, y)
+    return counter.get_total_flops() / x.shape[0]
+
+
+def measured_gemm_peak(device: torch.device) -> float:
+    """bf16 GEMM TFLOP/s on a large square matmul (the denominator of MFU); CPU: fp32."""
+    n = 8192 if device.type == "cuda" else 1024
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = measure(lambda: a @ b, warmup=3, iters=10, device_type=device.type)
+    return 2 * n**3 / (t.median_ms * 1e-3) / 1e12
+
+
+def make_step(kind: str, model, opt, x, y, device, cfg: bool):
+    guidance = GuidanceConfig(w=0.2, k=0.92, t_hi=0.75) if cfg else GuidanceConfig()
+    if kind == "flow_matching":
+        obj = FlowMatching(model.num_classes, guidance=guidance)
+    else:
+        obj = DuMo(model.num_classes, guidance=guidance, jvp_backend="fused" if kind == "dumo_fused" else "func")
+
+    def step():
+        with autocast_ctx(device, "bf16"):
+            loss, _ = obj.loss(model, x, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def run_case(name: str, kind: str, batch: int, device, cfg: bool, iters: int, input_size: int, channels: int):
+    torch.manual_seed(0)
+    model = build_model(name, input_size=input_size, in_channels=channels,
+                        num_classes=1000 if device.type == "cuda" else 10).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    x = torch.randn(batch, channels, input_size, input_size, device=device)
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
+    fwd = forward_flops_per_img(model, x[:2], y[:2])
+    step = make_step(kind, model, opt, x, y, device, cfg)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timing = measure(step, warmup=2, iters=iters, device_type=device.type)
+    flops = fwd * (STEP_FACTOR[kind] + (CFG_FACTOR if cfg else 0.0)) * batch
+    return timing, flops, peak_memory_gib(device)
+
+
+def largest_batch(name, kind, device, cfg, input_size, channels, candidates) -> int:
+    for b in candidates:
+        try:
+            run_case(name, kind, b, device, cfg, 1, input_size, channels)
+            return b
+        except torch.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    raise RuntimeError(f"{name} {kind}: not even batch {candidates[-1]} fits")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="CPU mode: small model, fp32")
+    p.add_argument("--models", default=None, help="comma-separated registry names")
+    p.add_argument("--batch", type=int, default=0, help="micro-batch; 0: largest that fits (CUDA) / 32 (CPU)")
+    p.add_argument("--cfg", action="store_true", help="fold CFG into training (2 extra no-grad passes)")
+    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--out", default=None, help="append rows as JSONL here")
+    args = p.parse_args()
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        models = (args.models or "DiT-XL/2,DiT-B/2").split(",")
+        input_size, channels = 32, 4
+    else:
+        models = (args.models or "DiT-digits").split(",")
+        input_size, channels = 8, 1
+    peak = measured_gemm_peak(device)
+    rows = []
+    for name in models:
+        batch = args.batch or (largest_batch(name, "dumo_reference", device, args.cfg, input_size, channels,
+                                             [256, 192, 128, 96, 64, 48, 32, 16, 8]) if device.type == "cuda" else 32)
+        ref_ms = None
+        for kind in ("flow_matching", "dumo_reference", "dumo_fused"):
+            timing, flops, mem = run_case(name, kind, batch, device, args.cfg, args.iters, input_size, channels)
+            img_s = batch / (timing.median_ms * 1e-3)
+            extra = {"img_s": round(img_s, 1), "mfu": round(flops / (timing.median_ms * 1e-3) / (peak * 1e12), 4)}
+            if mem is not None:
+                extra["peak_gib"] = round(mem, 2)
+            if kind == "dumo_reference":
+                ref_ms = timing.median_ms
+            rows.append(Row(op="train_step" + ("+cfg" if args.cfg else ""), shape=f"{name} b{batch} {input_size}px",
+                            dtype="bf16-autocast" if device.type == "cuda" else "fp32", impl=kind, timing=timing,
+                            flops=flops, ref_ms=ref_ms if kind == "dumo_fused" else None, extra=extra))
+    emit(rows, out=args.out, device=f"{device_name(device)} (GEMM peak measured {peak:.1f} TFLOP/s)",
+         command="python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()
