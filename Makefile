@@ -5,7 +5,7 @@ PIP ?= $(PY) -m pip
 .PHONY: install test digits compare clean
 
 install:            ## editable install with test extras (CPU torch wheel pinned in pyproject)
-	$(PIP) install -e '.[test]'
+	$(PIP) install -e '.[test,triton]'
 
 test:               ## the whole suite, < 10 minutes on 2 cores
 	$(PY) -m pytest -q

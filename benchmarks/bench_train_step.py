@@ -115,8 +115,13 @@ def main() -> None:
         batch = args.batch or (largest_batch(name, "dumo_reference", device, args.cfg, input_size, channels,
                                              [256, 192, 128, 96, 64, 48, 32, 16, 8]) if device.type == "cuda" else 32)
         ref_ms = None
-        for kind in ("flow_matching", "dumo_reference", "dumo_fused"):
-            timing, flops, mem = run_case(name, kind, batch, device, args.cfg, args.iters, input_size, channels)
+        kinds = ["flow_matching", "dumo_reference", "dumo_fused"]
+        if device.type == "cuda":  # the fused pass with the PyTorch attention rule instead of the Triton kernel
+            kinds.append("dumo_fused_torch_attn")
+        for kind in kinds:
+            os.environ["DUMO_FUSED_ATTN"] = "torch" if kind == "dumo_fused_torch_attn" else "triton"
+            timing, flops, mem = run_case(name, kind.replace("_torch_attn", ""), batch, device, args.cfg, args.iters,
+                                          input_size, channels)
             img_s = batch / (timing.median_ms * 1e-3)
             extra = {"img_s": round(img_s, 1), "mfu": round(flops / (timing.median_ms * 1e-3) / (peak * 1e12), 4)}
             if mem is not None:
@@ -125,7 +130,7 @@ def main() -> None:
                 ref_ms = timing.median_ms
             rows.append(Row(op="train_step" + ("+cfg" if args.cfg else ""), shape=f"{name} b{batch} {input_size}px",
                             dtype="bf16-autocast" if device.type == "cuda" else "fp32", impl=kind, timing=timing,
-                            flops=flops, ref_ms=ref_ms if kind == "dumo_fused" else None, extra=extra))
+                            flops=flops, ref_ms=ref_ms if kind.startswith("dumo_fused") else None, extra=extra))
     emit(rows, out=args.out, device=f"{device_name(device)} (GEMM peak measured {peak:.1f} TFLOP/s)",
          command="python " + " ".join(sys.argv))
 

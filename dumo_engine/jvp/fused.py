@@ -6,13 +6,15 @@ therefore never differentiated and no tangent activation is saved for backward, 
 inside any wrapper (DDP, DeepSpeed) because it is reached through model.forward(..., tangent=...).
 
 Tangents of the network inputs: (z, t, h) -> (tangent, 1, 1), i.e. (z, t, r) -> (tangent, 1, 0).
-The tangent rules are written here in plain PyTorch; fused kernels (Triton attention-JVP, CUDA
-row-wise ops) replace them one by one and are tested against this module and against the
-torch.func reference (jvp/reference.py).
+The tangent rules are written here in plain PyTorch; fused kernels replace them one by one and are
+tested against this module and the torch.func reference (jvp/reference.py). On CUDA, attention runs
+the Triton attention-JVP kernel (ops/attention_jvp.py: O and O_dot in one flash-style pass, flash
+backward); the row-wise ops move to CUDA C++ in issue 4.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -102,15 +104,32 @@ def _lin_t(x_dot: torch.Tensor, layer) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------
 # module passes: primal (recorded) + tangent (no grad)
 # ---------------------------------------------------------------------------------------------------
+def use_triton_attention(q: torch.Tensor) -> bool:
+    """The Triton attention-JVP kernel on CUDA (DUMO_FUSED_ATTN=torch opts out); the PyTorch rule elsewhere."""
+    if not q.is_cuda or os.environ.get("DUMO_FUSED_ATTN", "triton").lower() == "torch":
+        return False
+    from ..ops import attention_jvp as op
+
+    return op.triton is not None
+
+
 def _attention_jvp(attn, x, x_dot):
     N, T, D = x.shape
     qkv = attn.qkv(x).reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    o = F.scaled_dot_product_attention(q, k, v)
-    out = attn.proj(o.transpose(1, 2).reshape(N, T, D))
     with torch.no_grad():
         qkv_dot = _lin_t(x_dot, attn.qkv).reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        o_dot = attention_tangent(q, k, v, *qkv_dot.unbind(0))
+    if use_triton_attention(q):
+        from ..ops.attention_jvp import attention_jvp
+
+        # one flash-style pass: O (with its flash backward) and O_dot (stop-gradient output)
+        o, o_dot = attention_jvp(q, k, v, *qkv_dot.to(q.dtype).unbind(0))
+    else:
+        o = F.scaled_dot_product_attention(q, k, v)
+        with torch.no_grad():
+            o_dot = attention_tangent(q, k, v, *qkv_dot.unbind(0))
+    out = attn.proj(o.transpose(1, 2).reshape(N, T, D))
+    with torch.no_grad():
         out_dot = _lin_t(o_dot.transpose(1, 2).reshape(N, T, D), attn.proj)
     return out, out_dot
 
