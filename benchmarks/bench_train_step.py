@@ -26,7 +26,7 @@ from dumo_engine.models import build_model  # noqa: E402
 from dumo_engine.objectives import DuMo, FlowMatching, GuidanceConfig  # noqa: E402
 from dumo_engine.train import autocast_ctx  # noqa: E402
 
-STEP_FACTOR = {"flow_matching": 3.0, "dumo_reference": 4.04, "dumo_fused": 4.04}
+STEP_FACTOR = {"flow_matching": 3.0, "dumo_reference": 4.04, "dumo_fused": 4.04}  # x forward FLOPs
 CFG_FACTOR = 2.0
 
 
@@ -115,13 +115,16 @@ def main() -> None:
         batch = args.batch or (largest_batch(name, "dumo_reference", device, args.cfg, input_size, channels,
                                              [256, 192, 128, 96, 64, 48, 32, 16, 8]) if device.type == "cuda" else 32)
         ref_ms = None
-        kinds = ["flow_matching", "dumo_reference", "dumo_fused"]
-        if device.type == "cuda":  # the fused pass with the PyTorch attention rule instead of the Triton kernel
+        # variants of the fused pass: one GEMM over stacked [x; x_dot] rows (opt-in until measured), and on CUDA
+        # the PyTorch attention rule instead of the Triton kernel
+        kinds = ["flow_matching", "dumo_reference", "dumo_fused", "dumo_fused_stacked"]
+        if device.type == "cuda":
             kinds.append("dumo_fused_torch_attn")
         for kind in kinds:
             os.environ["DUMO_FUSED_ATTN"] = "torch" if kind == "dumo_fused_torch_attn" else "triton"
-            timing, flops, mem = run_case(name, kind.replace("_torch_attn", ""), batch, device, args.cfg, args.iters,
-                                          input_size, channels)
+            os.environ["DUMO_STACKED_LINEAR"] = "1" if kind == "dumo_fused_stacked" else "0"
+            base = "dumo_fused" if kind.startswith("dumo_fused") else kind
+            timing, flops, mem = run_case(name, base, batch, device, args.cfg, args.iters, input_size, channels)
             img_s = batch / (timing.median_ms * 1e-3)
             extra = {"img_s": round(img_s, 1), "mfu": round(flops / (timing.median_ms * 1e-3) / (peak * 1e12), 4)}
             if mem is not None:

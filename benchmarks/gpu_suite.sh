@@ -22,7 +22,7 @@ stamp "env"; cat "$OUT/env.txt" | tail -n 1
 
 stamp "GPU tests"
 timeout 150 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.txt" | tail -n 15
-stamp "GPU-path unit tests on CUDA (fused JVP, objectives)"
+stamp "fused-pass and JVP unit tests (CPU tensors, under the GPU image's torch)"
 timeout 90 python3 -m pytest -q -x tests/test_fused_jvp.py tests/test_jvp.py -p no:cacheprovider 2>&1 | tee "$OUT/cpu_suite_subset.txt" | tail -n 3
 
 if [ -f benchmarks/bench_attention_jvp.py ]; then

@@ -32,6 +32,6 @@ def test_bench_train_step_cpu_smoke(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert [r["impl"] for r in rows] == ["flow_matching", "dumo_reference", "dumo_fused"]
+    assert [r["impl"] for r in rows] == ["flow_matching", "dumo_reference", "dumo_fused", "dumo_fused_stacked"]
     assert all(r["timing"]["median_ms"] > 0 and r["flops"] > 0 and "commit" in r for r in rows)
     assert rows[2]["ref_ms"] == rows[1]["timing"]["median_ms"]

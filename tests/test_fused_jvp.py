@@ -182,3 +182,34 @@ def test_pinned_regression_losses_with_fused_path(tmp_path):
     for got, want in zip(rows, pinned):
         for k in KEYS:
             assert math.isclose(got[k], want[k], rel_tol=1e-4, abs_tol=1e-6), (got["step"], k, got[k], want[k])
+
+
+def test_stacked_rows_linear_path(monkeypatch):
+    """DUMO_STACKED_LINEAR=1 (one GEMM over [x; x_dot]): same outputs, same gradients, no extra saved tensors."""
+    from dumo_engine.jvp import fused
+
+    m = make_model("tiny", 13)
+    z, t, r, y, a = make_inputs(m, 4, 14)
+    ref = m.forward_with_jvp(z, t, r, y, a)
+    n_plain, b_plain, _ = _saved(lambda: m(z, t, t - r, y))
+    loss_ref, g_ref = _loss_grads(m, "fused")
+    monkeypatch.setenv("DUMO_STACKED_LINEAR", "1")
+    assert fused.stacked_linear_enabled()
+    calls = {"n": 0}
+    real = fused.StackedLinear.apply
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    monkeypatch.setattr(fused.StackedLinear, "apply", counting)
+    got = m.forward_with_jvp(z, t, r, y, a)
+    assert calls["n"] == 4 * len(m.blocks)  # qkv, proj, fc1, fc2 of every block
+    for x1, x2 in zip(got, ref):
+        assert rel(x1, x2) < 1e-6
+    n_st, b_st, _ = _saved(lambda: m(z, t, t - r, y, tangent=a))
+    assert n_st <= n_plain and b_st <= b_plain
+    loss_st, g_st = _loss_grads(m, "fused")
+    assert math.isclose(loss_st.item(), loss_ref.item(), rel_tol=1e-6)
+    for k in g_ref:
+        assert torch.allclose(g_st[k], g_ref[k], rtol=1e-5, atol=1e-7), k

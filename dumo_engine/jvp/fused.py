@@ -96,6 +96,49 @@ def timestep_embedder_jvp(emb, t: torch.Tensor, t_dot: torch.Tensor):
     return out, out_dot
 
 
+class StackedLinear(torch.autograd.Function):
+    """y = x W^T + b and y_dot = x_dot W^T from ONE GEMM over the stacked rows [x; x_dot].
+
+    Saves only x and W for backward (what F.linear saves): y_dot is a stop-gradient output.
+    Cost: 2 M K N FLOPs per stacked half, plus one copy of x and x_dot into the stacked buffer.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, x_dot, weight, bias):
+        m = x.shape[0]
+        out = F.linear(torch.cat([x, x_dot.to(x.dtype)], dim=0), weight)
+        y = out[:m] + bias if bias is not None else out[:m]
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        ctx.mark_non_differentiable(out)
+        return y, out[m:]
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, gy, _gy_dot):
+        x, weight = ctx.saved_tensors
+        gy2 = gy.reshape(-1, gy.shape[-1])
+        gx = (gy @ weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None
+        gw = (gy2.t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        gb = gy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        return gx, None, gw, gb
+
+
+def stacked_linear_enabled() -> bool:
+    """Opt-in until measured on a GPU (DUMO_STACKED_LINEAR=1): one GEMM for a Linear's primal and tangent."""
+    return os.environ.get("DUMO_STACKED_LINEAR", "0") == "1"
+
+
+def linear_jvp(layer, x: torch.Tensor, x_dot: torch.Tensor):
+    """(layer(x), x_dot W^T): stacked-rows GEMM when enabled, else two GEMMs (the tangent one under no_grad)."""
+    if stacked_linear_enabled():
+        return StackedLinear.apply(x, x_dot, layer.weight, layer.bias)
+    y = layer(x)
+    with torch.no_grad():
+        return y, _lin_t(x_dot, layer)
+
+
 def _lin_t(x_dot: torch.Tensor, layer) -> torch.Tensor:
     """Tangent of a Linear: x_dot W^T (no bias); under autocast the GEMM runs in its precision."""
     return F.linear(x_dot.to(layer.weight.dtype), layer.weight)
@@ -115,10 +158,9 @@ def use_triton_attention(q: torch.Tensor) -> bool:
 
 def _attention_jvp(attn, x, x_dot):
     N, T, D = x.shape
-    qkv = attn.qkv(x).reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    with torch.no_grad():
-        qkv_dot = _lin_t(x_dot, attn.qkv).reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    qkv, qkv_dot = linear_jvp(attn.qkv, x.reshape(N * T, D), x_dot.reshape(N * T, D))
+    q, k, v = qkv.reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv_dot = qkv_dot.reshape(N, T, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     if use_triton_attention(q):
         from ..ops.attention_jvp import attention_jvp
 
@@ -128,10 +170,8 @@ def _attention_jvp(attn, x, x_dot):
         o = F.scaled_dot_product_attention(q, k, v)
         with torch.no_grad():
             o_dot = attention_tangent(q, k, v, *qkv_dot.unbind(0))
-    out = attn.proj(o.transpose(1, 2).reshape(N, T, D))
-    with torch.no_grad():
-        out_dot = _lin_t(o_dot.transpose(1, 2).reshape(N, T, D), attn.proj)
-    return out, out_dot
+    out, out_dot = linear_jvp(attn.proj, o.transpose(1, 2).reshape(N * T, D), o_dot.transpose(1, 2).reshape(N * T, D))
+    return out.reshape(N, T, D), out_dot.reshape(N, T, D)
 
 
 def _block_jvp(blk, x, x_dot, c, silu_c_dot):
@@ -149,12 +189,14 @@ def _block_jvp(blk, x, x_dot, c, silu_c_dot):
         # gated residual: (x + g h)' = x_dot + g_dot h + g h_dot
         x_dot = x_dot + gate_msa_d.unsqueeze(1) * a_out + gate_msa.unsqueeze(1) * a_out_dot
         m_in_dot = layernorm_modulate_tangent(x_new, x_dot, scale_mlp, shift_mlp_d, scale_mlp_d, blk.norm2.eps)
-    h1 = blk.mlp.fc1(modulate(blk.norm2(x_new), shift_mlp, scale_mlp))
+    N, T, D = x_new.shape
+    h1, h1_dot = linear_jvp(blk.mlp.fc1, modulate(blk.norm2(x_new), shift_mlp, scale_mlp).reshape(N * T, D),
+                            m_in_dot.reshape(N * T, D))
     a1 = blk.mlp.act(h1)
-    out = blk.mlp.fc2(a1)
     with torch.no_grad():
-        a1_dot = gelu_tanh_tangent(h1, _lin_t(m_in_dot, blk.mlp.fc1))
-        out_dot = _lin_t(a1_dot, blk.mlp.fc2)
+        a1_dot = gelu_tanh_tangent(h1, h1_dot)
+    out, out_dot = linear_jvp(blk.mlp.fc2, a1, a1_dot)
+    out, out_dot = out.reshape(N, T, D), out_dot.reshape(N, T, D)
     x_out = x_new + gate_mlp.unsqueeze(1) * out
     with torch.no_grad():
         x_dot = x_dot + gate_mlp_d.unsqueeze(1) * out + gate_mlp.unsqueeze(1) * out_dot
