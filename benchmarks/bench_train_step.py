@@ -83,13 +83,27 @@ def run_case(name: str, kind: str, batch: int, device, cfg: bool, iters: int, in
     return timing, flops, peak_memory_gib(device)
 
 
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (
+        isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "ALLOC_FAILED")))
+
+
 def largest_batch(name, kind, device, cfg, input_size, channels, candidates) -> int:
+    """Largest candidate micro-batch whose step runs (one warm-up + one timed step), 10% memory kept in reserve."""
+    import gc
+
     for b in candidates:
+        ok = False
         try:
             run_case(name, kind, b, device, cfg, 1, input_size, channels)
+            ok = torch.cuda.max_memory_allocated(device) < 0.9 * torch.cuda.get_device_properties(device).total_memory
+        except Exception as e:  # noqa: BLE001 - only out-of-memory is expected here
+            if not _is_oom(e):
+                raise
+        gc.collect()  # the failed probe's model and activations are freed only after its traceback is gone
+        torch.cuda.empty_cache()
+        if ok:
             return b
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
     raise RuntimeError(f"{name} {kind}: not even batch {candidates[-1]} fits")
 
 
@@ -110,10 +124,13 @@ def main() -> None:
         models = (args.models or "DiT-digits").split(",")
         input_size, channels = 8, 1
     peak = measured_gemm_peak(device)
+    dev_label = f"{device_name(device)} (GEMM peak measured {peak:.1f} TFLOP/s)"
+    command = "python " + " ".join(sys.argv)
     rows = []
     for name in models:
+        # equal batch for every variant: the largest the reference (fp32 JVP pass, the most memory) fits
         batch = args.batch or (largest_batch(name, "dumo_reference", device, args.cfg, input_size, channels,
-                                             [256, 192, 128, 96, 64, 48, 32, 16, 8]) if device.type == "cuda" else 32)
+                                             [64, 32, 16, 8, 4]) if device.type == "cuda" else 32)
         ref_ms = None
         # variants of the fused pass: one GEMM over stacked [x; x_dot] rows (opt-in until measured), and on CUDA
         # the PyTorch attention rule instead of the Triton kernel
@@ -131,11 +148,27 @@ def main() -> None:
                 extra["peak_gib"] = round(mem, 2)
             if kind == "dumo_reference":
                 ref_ms = timing.median_ms
-            rows.append(Row(op="train_step" + ("+cfg" if args.cfg else ""), shape=f"{name} b{batch} {input_size}px",
-                            dtype="bf16-autocast" if device.type == "cuda" else "fp32", impl=kind, timing=timing,
-                            flops=flops, ref_ms=ref_ms if kind.startswith("dumo_fused") else None, extra=extra))
-    emit(rows, out=args.out, device=f"{device_name(device)} (GEMM peak measured {peak:.1f} TFLOP/s)",
-         command="python " + " ".join(sys.argv))
+            # the reference runs its JVP pass in fp32 by design; everything else under bf16 autocast on CUDA
+            dtype = "fp32" if device.type == "cpu" else ("fp32 JVP pass" if kind == "dumo_reference" else "bf16-autocast")
+            row = Row(op="train_step" + ("+cfg" if args.cfg else ""), shape=f"{name} b{batch} {input_size}px",
+                      dtype=dtype, impl=kind, timing=timing, flops=flops,
+                      ref_ms=ref_ms if kind.startswith("dumo_fused") else None, extra=extra)
+            rows.append(row)
+            emit([row], out=args.out, device=dev_label, command=command)  # each row lands as soon as it is measured
+        if device.type == "cuda" and not args.batch:  # the fused step at its own largest batch (the img/s target)
+            os.environ["DUMO_FUSED_ATTN"], os.environ["DUMO_STACKED_LINEAR"] = "triton", "0"
+            own = largest_batch(name, "dumo_fused", device, args.cfg, input_size, channels, [256, 128])
+            if own > batch:
+                timing, flops, mem = run_case(name, "dumo_fused", own, device, args.cfg, args.iters, input_size, channels)
+                row = Row(op="train_step" + ("+cfg" if args.cfg else ""), shape=f"{name} b{own} {input_size}px",
+                          dtype="bf16-autocast", impl="dumo_fused (own largest batch)", timing=timing, flops=flops,
+                          extra={"img_s": round(own / (timing.median_ms * 1e-3), 1),
+                                 "mfu": round(flops / (timing.median_ms * 1e-3) / (peak * 1e12), 4),
+                                 "peak_gib": round(mem, 2)})
+                rows.append(row)
+                emit([row], out=args.out, device=dev_label, command=command)
+    print("\nall rows:")
+    emit(rows, out=None, device=dev_label, command=command)
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def test_pinned_regression_losses_with_fused_path(tmp_path):
     from dumo_engine.train import read_log, train
 
     pinned = json.load(open(ASSET))["rows"]
-    cfg = load_config(None, OVERRIDES + ["--objective.jvp_backend=fused", f"--train.out_dir={tmp_path}"])
+    cfg = load_config(None, OVERRIDES + ["--objective.jvp_backend=fused", "--train.device=cpu",
+                                         f"--train.out_dir={tmp_path}"])
     rows = read_log(train(cfg).log_path)
     for got, want in zip(rows, pinned):
         for k in KEYS:
@@ -213,3 +214,23 @@ def test_stacked_rows_linear_path(monkeypatch):
     assert math.isclose(loss_st.item(), loss_ref.item(), rel_tol=1e-6)
     for k in g_ref:
         assert torch.allclose(g_st[k], g_ref[k], rtol=1e-5, atol=1e-7), k
+
+
+@pytest.mark.parametrize("stacked", ["0", "1"])
+def test_under_bf16_autocast_dtypes_and_saved_bytes(monkeypatch, stacked):
+    """Under bf16 autocast the fused pass keeps the primal in bf16 like a plain forward (same saved bytes), returns a
+    non-differentiable tangent, and keeps the tangent stream in fp32."""
+    from dumo_engine.jvp import fused
+
+    monkeypatch.setenv("DUMO_STACKED_LINEAR", stacked)
+    m = make_model("tiny", 15)
+    z, t, r, y, a = make_inputs(m, 4, 16)
+    lin = m.blocks[0].attn.qkv
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        n_plain, b_plain, (v0, u0) = _saved(lambda: m(z, t, t - r, y))
+        n_f, b_f, (v1, u1, d1) = _saved(lambda: m(z, t, t - r, y, tangent=a))
+        yl, yl_dot = fused.linear_jvp(lin, z.new_ones(3, lin.in_features), z.new_ones(3, lin.in_features))
+    assert u1.dtype == u0.dtype == torch.bfloat16 and d1.dtype == torch.float32
+    assert yl.dtype == torch.bfloat16 and not yl_dot.requires_grad and yl.requires_grad
+    assert b_f <= b_plain and n_f <= n_plain
+    assert rel(u1.float(), u0.float()) < 1e-2

@@ -61,7 +61,7 @@ def layernorm_modulate_tangent(x, x_dot, scale, shift_dot, scale_dot, eps: float
 
 
 def attention_tangent(q, k, v, q_dot, k_dot, v_dot) -> torch.Tensor:
-    """O_dot of O = softmax(q k^T / sqrt(d)) v, in fp32. Inputs (N, H, T, d).
+    """O_dot of O = softmax(q k^T / sqrt(d)) v; elementwise math in fp32 (the matmuls follow autocast). (N, H, T, d).
 
     S_dot = (q_dot k^T + q k_dot^T) / sqrt(d);  O_dot = P v_dot + (P o S_dot) v - rowsum(P o S_dot) O
     (the same quantities a flash-style kernel accumulates as acc_A, acc_B and mu).
@@ -104,24 +104,29 @@ class StackedLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, x_dot, weight, bias):
-        m = x.shape[0]
-        out = F.linear(torch.cat([x, x_dot.to(x.dtype)], dim=0), weight)
-        y = out[:m] + bias if bias is not None else out[:m]
-        ctx.save_for_backward(x, weight)
-        ctx.has_bias = bias is not None
-        ctx.mark_non_differentiable(out)
-        return y, out[m:]
+        # compute dtype: the autocast dtype when autocast is on (as nn.Linear would), else x's
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        with torch.autocast(dev, enabled=False):
+            xs, w = x.to(dt), weight.to(dt)
+            m = x.shape[0]
+            out = torch.cat([xs, x_dot.to(dt)], dim=0) @ w.t()
+            y = out[:m] + bias.to(dt) if bias is not None else out[:m].clone()
+            y_dot = out[m:]
+        ctx.save_for_backward(xs, w)  # what autocast's linear saves: the cast input and weight
+        ctx.has_bias, ctx.w_dtype, ctx.x_dtype = bias is not None, weight.dtype, x.dtype
+        ctx.mark_non_differentiable(y_dot)
+        return y, y_dot
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy, _gy_dot):
-        x, weight = ctx.saved_tensors
+        xs, w = ctx.saved_tensors
+        gy = gy.to(w.dtype)
         gy2 = gy.reshape(-1, gy.shape[-1])
-        gx = (gy @ weight.to(gy.dtype)) if ctx.needs_input_grad[0] else None
-        gw = (gy2.t() @ x.reshape(-1, x.shape[-1]).to(gy.dtype)).to(weight.dtype) if ctx.needs_input_grad[2] else None
-        gb = gy2.sum(0).to(weight.dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        gx = (gy @ w).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
+        gw = (gy2.t() @ xs.reshape(-1, xs.shape[-1])).to(ctx.w_dtype) if ctx.needs_input_grad[2] else None
+        gb = gy2.sum(0).to(ctx.w_dtype) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return gx, None, gw, gb
 
 
@@ -211,7 +216,8 @@ def _final_layer_jvp(head, x, x_dot, c, silu_c_dot):
     with torch.no_grad():
         shift_d, scale_d = _lin_t(silu_c_dot, head.adaLN_modulation[1]).chunk(2, dim=1)
         in_dot = layernorm_modulate_tangent(x, x_dot, scale, shift_d, scale_d, head.norm_final.eps)
-        y_dot = _lin_t(in_dot, head.linear)
+        with torch.autocast(x.device.type, enabled=False):  # tiny GEMM (D -> p*p*C): du/dt leaves in fp32
+            y_dot = F.linear(in_dot, head.linear.weight.to(in_dot.dtype))
     return y, y_dot
 
 
@@ -223,7 +229,8 @@ def dit_forward_jvp(model, x, t, h, y, x_dot, heads: str = "vu"):
     tokens = model.x_embedder(x) + model.pos_embed
     with torch.no_grad():
         pe = model.x_embedder.proj
-        tok_dot = F.conv2d(x_dot.to(pe.weight.dtype), pe.weight, None, stride=pe.stride).flatten(2).transpose(1, 2)
+        # the tangent residual stream stays in fp32 (float64 stays float64), as in the reference
+        tok_dot = _acc(F.conv2d(x_dot.to(pe.weight.dtype), pe.weight, None, stride=pe.stride)).flatten(2).transpose(1, 2)
     te, te_dot = timestep_embedder_jvp(model.t_embedder, t, ones)
     he, he_dot = timestep_embedder_jvp(model.h_embedder, h, ones)
     ye = model.y_embedder(y)
