@@ -246,13 +246,7 @@ def parse_override(arg: str) -> tuple[str, Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as e:
         raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
-    # YAML 1.1 reads "1e-3" as a string; accept it as a number.
-    if isinstance(value, str):
-        try:
-            value = float(value) if any(c in value for c in "eE.") else value
-        except ValueError:
-            pass
-    return key, value
+    return key, _yaml_number(value)
 
 
 def _nest(key: str, value: Any) -> dict:
@@ -262,15 +256,16 @@ def _nest(key: str, value: Any) -> dict:
     return {parts[0]: {parts[1]: value}}
 
 
-def _fix_yaml_floats(d: Any) -> Any:
-    if isinstance(d, dict):
-        return {k: _fix_yaml_floats(v) for k, v in d.items()}
-    if isinstance(d, str):
+def _yaml_number(value: Any) -> Any:
+    """YAML 1.1 reads "1e-3" (no dot) as a string: take such a string as the number it spells."""
+    if isinstance(value, dict):
+        return {k: _yaml_number(v) for k, v in value.items()}
+    if isinstance(value, str) and any(c in value for c in "eE."):
         try:
-            return float(d) if any(c in d for c in "eE") and d.lstrip("+-")[0].isdigit() else d
-        except (ValueError, IndexError):
-            return d
-    return d
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
@@ -287,7 +282,7 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequ
                 raise ConfigError(f"{path}: not valid YAML: {e}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _apply(cfg, _fix_yaml_floats(data))
+        _apply(cfg, _yaml_number(data))
     return apply_overrides(cfg, overrides)
 
 

@@ -76,22 +76,23 @@ def attention_tangent(q, k, v, q_dot, k_dot, v_dot) -> torch.Tensor:
 
 
 def timestep_embedder_jvp(emb, t: torch.Tensor, t_dot: torch.Tensor):
-    """(emb(t), d emb(t)/dt * t_dot) for TimestepEmbedder: sinusoids of t * time_scale, then MLP."""
-    out = emb(t)
+    """(emb(t), d emb(t)/dt * t_dot) for TimestepEmbedder: sinusoids of t * time_scale, then MLP.
+
+    The primal runs the embedder's own pieces (the same ops as emb(t)), so its first layer's output
+    is shared with the tangent instead of recomputed.
+    """
+    dim, half = emb.frequency_embedding_size, emb.frequency_embedding_size // 2
+    lin0, act, lin2 = emb.mlp
+    feat = emb.timestep_embedding(t * emb.time_scale, dim)  # (N, dim): [cos a, sin a]
+    h0 = lin0(feat.to(lin0.weight.dtype))
+    out = lin2(act(h0))
     with torch.no_grad():
-        dim, half = emb.frequency_embedding_size, emb.frequency_embedding_size // 2
-        dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=dtype, device=t.device) / half)
-        a = (t.to(dtype) * emb.time_scale)[:, None] * freqs[None]  # (N, half)
-        a_dot = (t_dot.to(dtype) * emb.time_scale)[:, None] * freqs[None]
-        feat = torch.cat([torch.cos(a), torch.sin(a)], dim=-1)
-        feat_dot = torch.cat([-torch.sin(a) * a_dot, torch.cos(a) * a_dot], dim=-1)
+        # d/dt [cos a, sin a] = [-sin a, cos a] * a_dot,  a_dot = t_dot * time_scale * f
+        a_dot = (t_dot.to(feat.dtype) * emb.time_scale)[:, None] * emb.frequencies(t, dim)[None]
+        feat_dot = torch.cat([-feat[:, half:2 * half] * a_dot, feat[:, :half] * a_dot], dim=-1)
         if dim % 2:
-            feat, feat_dot = F.pad(feat, (0, 1)), F.pad(feat_dot, (0, 1))
-        lin0, lin2 = emb.mlp[0], emb.mlp[2]
-        w_dtype = lin0.weight.dtype
-        h0 = lin0(feat.to(w_dtype))
-        h0_dot = F.linear(feat_dot.to(w_dtype), lin0.weight)
+            feat_dot = F.pad(feat_dot, (0, 1))
+        h0_dot = F.linear(feat_dot.to(lin0.weight.dtype), lin0.weight)
         out_dot = F.linear(silu_tangent(h0, h0_dot).to(lin2.weight.dtype), lin2.weight)
     return out, out_dot
 

@@ -84,13 +84,18 @@ class TimestepEmbedder(nn.Module):
         self.time_scale = time_scale
 
     @staticmethod
-    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-        # t: (N,) -> (N, dim): [cos(t f_k), sin(t f_k)], f_k = max_period^(-k / half)
-        # fp32 at least (bf16 cannot resolve t * 1000), float64 kept for finite-difference checks
+    def frequencies(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        """f_k = max_period^(-k / half), k < dim // 2, in fp32 at least (bf16 cannot resolve t * 1000);
+        float64 when t is float64 (finite-difference checks)."""
         dtype = torch.float64 if t.dtype == torch.float64 else torch.float32
         half = dim // 2
-        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
-        args = t[:, None].to(dtype) * freqs[None]
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=t.device) / half)
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+        # t: (N,) -> (N, dim): [cos(t f_k), sin(t f_k)]
+        freqs = TimestepEmbedder.frequencies(t, dim, max_period)
+        args = t[:, None].to(freqs.dtype) * freqs[None]
         emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
         if dim % 2:
             emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
