@@ -134,12 +134,14 @@ def main() -> None:
         ref_ms = None
         # variants of the fused pass: one GEMM over stacked [x; x_dot] rows (opt-in until measured), and on CUDA
         # the PyTorch attention rule instead of the Triton kernel
-        kinds = ["flow_matching", "dumo_reference", "dumo_fused", "dumo_fused_stacked"]
+        # and the plain-PyTorch row-wise rules instead of the C++/CUDA row-wise kernels (DUMO_FUSED_ROWWISE=0)
+        kinds = ["flow_matching", "dumo_reference", "dumo_fused", "dumo_fused_torch_rowwise", "dumo_fused_stacked"]
         if device.type == "cuda":
             kinds.append("dumo_fused_torch_attn")
         for kind in kinds:
             os.environ["DUMO_FUSED_ATTN"] = "torch" if kind == "dumo_fused_torch_attn" else "triton"
             os.environ["DUMO_STACKED_LINEAR"] = "1" if kind == "dumo_fused_stacked" else "0"
+            os.environ["DUMO_FUSED_ROWWISE"] = "0" if kind == "dumo_fused_torch_rowwise" else "1"
             base = "dumo_fused" if kind.startswith("dumo_fused") else kind
             timing, flops, mem = run_case(name, base, batch, device, args.cfg, args.iters, input_size, channels)
             img_s = batch / (timing.median_ms * 1e-3)
@@ -157,6 +159,7 @@ def main() -> None:
             emit([row], out=args.out, device=dev_label, command=command)  # each row lands as soon as it is measured
         if device.type == "cuda" and not args.batch:  # the fused step at its own largest batch (the img/s target)
             os.environ["DUMO_FUSED_ATTN"], os.environ["DUMO_STACKED_LINEAR"] = "triton", "0"
+            os.environ["DUMO_FUSED_ROWWISE"] = "1"
             own = largest_batch(name, "dumo_fused", device, args.cfg, input_size, channels, [256, 128])
             if own > batch:
                 timing, flops, mem = run_case(name, "dumo_fused", own, device, args.cfg, args.iters, input_size, channels)

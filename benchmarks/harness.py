@@ -69,6 +69,26 @@ def measure(fn: Callable[[], object], warmup: int = 3, iters: int = 20, device_t
     return Timing(q(0.5), q(0.2), q(0.8), iters)
 
 
+def measure_events(fn: Callable[[], object], warmup: int = 5, iters: int = 50) -> Timing:
+    """CUDA: median and p20/p80 of per-call device time from CUDA events (no host sync inside the timed region;
+    for kernels of tens of microseconds, where a host timer would add the launch and sync latency)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(iters)]
+    for a, b in pairs:
+        a.record()
+        fn()
+        b.record()
+    torch.cuda.synchronize()
+    times = sorted(a.elapsed_time(b) for a, b in pairs)
+
+    def q(p: float) -> float:
+        return times[min(len(times) - 1, int(round(p * (len(times) - 1))))]
+
+    return Timing(q(0.5), q(0.2), q(0.8), iters)
+
+
 @dataclasses.dataclass
 class Row:
     op: str

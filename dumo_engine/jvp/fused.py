@@ -9,7 +9,8 @@ Tangents of the network inputs: (z, t, h) -> (tangent, 1, 1), i.e. (z, t, r) -> 
 The tangent rules are written here in plain PyTorch; fused kernels replace them one by one and are
 tested against this module and the torch.func reference (jvp/reference.py). On CUDA, attention runs
 the Triton attention-JVP kernel (ops/attention_jvp.py: O and O_dot in one flash-style pass, flash
-backward); the row-wise ops move to CUDA C++ in issue 4.
+backward); the row-wise ops (LayerNorm+modulate, gated residual, dual final norm) run ops/rowwise.py:
+CUDA C++ kernels or their C++ CPU twins (csrc/), one pass per tensor (DUMO_FUSED_ROWWISE=0: the rules below).
 """
 from __future__ import annotations
 
@@ -146,7 +147,10 @@ def linear_jvp(layer, x: torch.Tensor, x_dot: torch.Tensor):
 
 
 def _lin_t(x_dot: torch.Tensor, layer) -> torch.Tensor:
-    """Tangent of a Linear: x_dot W^T (no bias); under autocast the GEMM runs in its precision."""
+    """Tangent of a Linear: x_dot W^T (no bias); under autocast the GEMM runs in its precision (x_dot is handed to
+    autocast as it is: a bf16 tangent is not widened to the fp32 weight dtype only to be narrowed again)."""
+    if torch.is_autocast_enabled(x_dot.device.type):
+        return F.linear(x_dot, layer.weight)
     return F.linear(x_dot.to(layer.weight.dtype), layer.weight)
 
 
@@ -180,14 +184,25 @@ def _attention_jvp(attn, x, x_dot):
     return out.reshape(N, T, D), out_dot.reshape(N, T, D)
 
 
-def _block_jvp(blk, x, x_dot, c, silu_c_dot):
-    from ..models.dit import modulate
+def rowwise_enabled(x: torch.Tensor) -> bool:
+    """Row-wise ops (LayerNorm+modulate, gated residual, dual final norm) through ops/rowwise.py: C++/CUDA
+    kernels, one pass per tensor, on by default (measured faster: benchmarks/RESULTS.md); DUMO_FUSED_ROWWISE=0
+    keeps the plain-PyTorch rules below. float64 (finite-difference checks) always takes the PyTorch rules."""
+    return os.environ.get("DUMO_FUSED_ROWWISE", "1") != "0" and x.dtype in (torch.float32, torch.bfloat16,
+                                                                           torch.float16)
 
+
+def _block_jvp(blk, x, x_dot, c, silu_c_dot):
     mods = blk.adaLN_modulation(c).chunk(6, dim=1)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
     with torch.no_grad():
         mods_dot = _lin_t(silu_c_dot, blk.adaLN_modulation[1]).chunk(6, dim=1)
         shift_msa_d, scale_msa_d, gate_msa_d, shift_mlp_d, scale_mlp_d, gate_mlp_d = mods_dot
+    if rowwise_enabled(x):
+        return _block_jvp_rowwise(blk, x, x_dot, mods, mods_dot)
+    from ..models.dit import modulate
+
+    with torch.no_grad():
         a_in_dot = layernorm_modulate_tangent(x, x_dot, scale_msa, shift_msa_d, scale_msa_d, blk.norm1.eps)
     a_out, a_out_dot = _attention_jvp(blk.attn, modulate(blk.norm1(x), shift_msa, scale_msa), a_in_dot)
     x_new = x + gate_msa.unsqueeze(1) * a_out
@@ -198,14 +213,42 @@ def _block_jvp(blk, x, x_dot, c, silu_c_dot):
     N, T, D = x_new.shape
     h1, h1_dot = linear_jvp(blk.mlp.fc1, modulate(blk.norm2(x_new), shift_mlp, scale_mlp).reshape(N * T, D),
                             m_in_dot.reshape(N * T, D))
-    a1 = blk.mlp.act(h1)
-    with torch.no_grad():
-        a1_dot = gelu_tanh_tangent(h1, h1_dot)
-    out, out_dot = linear_jvp(blk.mlp.fc2, a1, a1_dot)
+    out, out_dot = _mlp_tail_jvp(blk, h1, h1_dot)
     out, out_dot = out.reshape(N, T, D), out_dot.reshape(N, T, D)
     x_out = x_new + gate_mlp.unsqueeze(1) * out
     with torch.no_grad():
         x_dot = x_dot + gate_mlp_d.unsqueeze(1) * out + gate_mlp.unsqueeze(1) * out_dot
+    return x_out, x_dot
+
+
+def _mlp_tail_jvp(blk, h1, h1_dot):
+    a1 = blk.mlp.act(h1)
+    with torch.no_grad():
+        a1_dot = gelu_tanh_tangent(h1, h1_dot)
+    return linear_jvp(blk.mlp.fc2, a1, a1_dot)
+
+
+def _block_jvp_rowwise(blk, x, x_dot, mods, mods_dot):
+    """The same block with the row-wise ops: each LayerNorm+modulate and each gated residual is one kernel for the
+    primal (differentiable) and one for the tangent, reading the adaLN chunks in place. The modulated inputs and
+    their tangents leave in the modulation dtype (bf16 under autocast: what the next GEMM reads)."""
+    from ..ops import rowwise as rw
+
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+    shift_msa_d, scale_msa_d, gate_msa_d, shift_mlp_d, scale_mlp_d, gate_mlp_d = mods_dot
+    a_in, mean, rstd = rw.layernorm_modulate(x, shift_msa, scale_msa, blk.norm1.eps)
+    a_in_dot = rw.layernorm_modulate_jvp(x, x_dot, mean, rstd, scale_msa, shift_msa_d, scale_msa_d, a_in.dtype)
+    a_out, a_out_dot = _attention_jvp(blk.attn, a_in, a_in_dot)
+    x_new = rw.gated_residual(x, gate_msa, a_out)
+    x_dot = rw.gated_residual_jvp(x_dot, gate_msa, gate_msa_d, a_out, a_out_dot.to(a_out.dtype))
+    m_in, mean, rstd = rw.layernorm_modulate(x_new, shift_mlp, scale_mlp, blk.norm2.eps)
+    m_in_dot = rw.layernorm_modulate_jvp(x_new, x_dot, mean, rstd, scale_mlp, shift_mlp_d, scale_mlp_d, m_in.dtype)
+    N, T, D = x_new.shape
+    h1, h1_dot = linear_jvp(blk.mlp.fc1, m_in.reshape(N * T, D), m_in_dot.reshape(N * T, D))
+    out, out_dot = _mlp_tail_jvp(blk, h1, h1_dot)
+    out, out_dot = out.reshape(N, T, D), out_dot.reshape(N, T, D)
+    x_out = rw.gated_residual(x_new, gate_mlp, out)
+    x_dot = rw.gated_residual_jvp(x_dot, gate_mlp, gate_mlp_d, out, out_dot.to(out.dtype))
     return x_out, x_dot
 
 
@@ -217,9 +260,35 @@ def _final_layer_jvp(head, x, x_dot, c, silu_c_dot):
     with torch.no_grad():
         shift_d, scale_d = _lin_t(silu_c_dot, head.adaLN_modulation[1]).chunk(2, dim=1)
         in_dot = layernorm_modulate_tangent(x, x_dot, scale, shift_d, scale_d, head.norm_final.eps)
-        with torch.autocast(x.device.type, enabled=False):  # tiny GEMM (D -> p*p*C): du/dt leaves in fp32
-            y_dot = F.linear(in_dot, head.linear.weight.to(in_dot.dtype))
+        y_dot = _final_linear_t(head, in_dot)
     return y, y_dot
+
+
+def _final_linear_t(head, in_dot):
+    with torch.autocast(in_dot.device.type, enabled=False):  # tiny GEMM (D -> p*p*C): du/dt leaves in fp32
+        return F.linear(in_dot, head.linear.weight.to(in_dot.dtype))
+
+
+def _heads_jvp_rowwise(model, x, x_dot, c_v, c_u, silu_cu_dot, heads):
+    """(v or None, u, u_dot) from the dual final layer: one normalisation of the trunk output feeds both heads'
+    modulations (one kernel), and only the u head gets a tangent (from the saved statistics)."""
+    from ..ops import rowwise as rw
+
+    vh, uh = model.v_head, model.u_head
+    shift_u, scale_u = uh.adaLN_modulation(c_u).chunk(2, dim=1)
+    if "v" in heads:
+        shift_v, scale_v = vh.adaLN_modulation(c_v).chunk(2, dim=1)
+        y_v, y_u, mean, rstd = rw.dual_layernorm_modulate(x, shift_v, scale_v, shift_u, scale_u, uh.norm_final.eps)
+        v = vh.linear(y_v)
+    else:
+        v = None
+        y_u, mean, rstd = rw.layernorm_modulate(x, shift_u, scale_u, uh.norm_final.eps)
+    u = uh.linear(y_u)
+    with torch.no_grad():
+        shift_d, scale_d = _lin_t(silu_cu_dot, uh.adaLN_modulation[1]).chunk(2, dim=1)
+        in_dot = rw.layernorm_modulate_jvp(x, x_dot, mean, rstd, scale_u, shift_d, scale_d, torch.float32)
+        u_dot = _final_linear_t(uh, in_dot)
+    return v, u, u_dot
 
 
 def dit_forward_jvp(model, x, t, h, y, x_dot, heads: str = "vu"):
@@ -241,11 +310,16 @@ def dit_forward_jvp(model, x, t, h, y, x_dot, heads: str = "vu"):
     else:
         c_v, c_v_dot = te + ye, te_dot
         c_u, c_u_dot = c_v + he, te_dot + he_dot
+    if rowwise_enabled(tokens):  # the row-wise kernels take contiguous (N, T, D) streams (one copy per forward)
+        tokens, tok_dot = tokens.contiguous(), tok_dot.contiguous()
     with torch.no_grad():  # SiLU of c feeds every adaLN: its tangent is computed once
         silu_cv_dot = silu_tangent(c_v, c_v_dot)
         silu_cu_dot = silu_cv_dot if c_u is c_v else silu_tangent(c_u, c_u_dot)
     for blk in model.blocks:
         tokens, tok_dot = _block_jvp(blk, tokens, tok_dot, c_v, silu_cv_dot)
+    if rowwise_enabled(tokens) and model.v_head.norm_final.eps == model.u_head.norm_final.eps:
+        v, u, u_dot = _heads_jvp_rowwise(model, tokens, tok_dot, c_v, c_u, silu_cu_dot, heads)
+        return (model.unpatchify(v) if v is not None else None), model.unpatchify(u), model.unpatchify(u_dot).detach()
     v = model.unpatchify(model.v_head(tokens, c_v)) if "v" in heads else None  # no v tangent: not needed
     u, u_dot = _final_layer_jvp(model.u_head, tokens, tok_dot, c_u, silu_cu_dot)
     return v, model.unpatchify(u), model.unpatchify(u_dot).detach()

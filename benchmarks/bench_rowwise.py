@@ -1,0 +1,222 @@
+"""Row-wise ops (LayerNorm+modulate, dual final norm, gated residual): forward, JVP and backward, at DiT-B/2 and
+DiT-XL/2 row shapes (T = 256 tokens, D = 768 / 1152).
+
+Implementations: the PyTorch reference (the plain expressions the engine ran before these ops: F.layer_norm +
+modulate, jvp/fused.layernorm_modulate_tangent, autograd for backward), torch.compile of that reference (CUDA), and
+ours through ops/rowwise.py: the C++ CPU twin (CPU), the CUDA kernels and the Triton kernels (CUDA).
+Each row: ms (median, p20-p80; CUDA events on GPU), GB/s against the bytes the op must move
+(ops/rowwise_ref.rowwise_bytes: each input read once, each output written once), speedup vs the reference, and on
+CUDA the fraction of the card's copy bandwidth measured in the same run (bytes read + written by a 2 GiB copy).
+
+  python benchmarks/bench_rowwise.py                  # CUDA if present: N=256, fp32-residual+bf16 and bf16
+  python benchmarks/bench_rowwise.py --cpu            # CPU twins vs PyTorch, fp32, N=8
+  python benchmarks/bench_rowwise.py --quick          # tiny shapes, few iterations (the test suite's smoke run)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from harness import Row, device_name, emit, measure, measure_events  # noqa: E402
+
+from dumo_engine.jvp.fused import layernorm_modulate_tangent  # noqa: E402
+from dumo_engine.ops import rowwise as rw  # noqa: E402
+from dumo_engine.ops import rowwise_ref as ref  # noqa: E402
+
+EPS = 1e-6
+SHAPES = {"B/2": (256, 768), "XL/2": (256, 1152)}  # (T, D)
+OPS = ["ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "ln_dual_fwd", "ln_dual_bwd", "gated_fwd", "gated_jvp", "gated_bwd"]
+
+
+# the reference expressions (what the engine computed before the row-wise ops)
+def ln_mod_expr(x, shift, scale):
+    return F.layer_norm(x, x.shape[-1:], eps=EPS) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def ln_dual_expr(x, sv, cv, su, cu):
+    n = F.layer_norm(x, x.shape[-1:], eps=EPS)
+    return n * (1 + cv.unsqueeze(1)) + sv.unsqueeze(1), n * (1 + cu.unsqueeze(1)) + su.unsqueeze(1)
+
+
+def ln_jvp_expr(x, x_dot, scale, shift_dot, scale_dot):
+    return layernorm_modulate_tangent(x, x_dot, scale, shift_dot, scale_dot, EPS)
+
+
+def gated_expr(x, g, h):
+    return x + g.unsqueeze(1) * h
+
+
+def gated_jvp_expr(x_dot, g, g_dot, h, h_dot):
+    return x_dot + g_dot.unsqueeze(1) * h + g.unsqueeze(1) * h_dot
+
+
+def make_inputs(N, T, D, tx, tm, device):
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def r(*s, dtype=torch.float32):
+        return torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)
+
+    d = dict(x=r(N, T, D, dtype=tx), x_dot=r(N, T, D), h=r(N, T, D, dtype=tm), h_dot=r(N, T, D, dtype=tm),
+             gy=r(N, T, D, dtype=tm), gy2=r(N, T, D, dtype=tm), gout=r(N, T, D, dtype=tx))
+    d["mods"] = (r(N, 6 * D, dtype=tm) * 0.3).chunk(6, dim=1)  # adaLN chunks: row-strided views
+    d["mods_dot"] = r(N, 6 * D, dtype=tm).chunk(6, dim=1)
+    _, d["mean"], d["rstd"] = ref.ln_mod_fwd(d["x"], d["mods"][0], d["mods"][1], EPS)
+    return d
+
+
+def _grad_fn(expr, leaves, grads):
+    """Backward only: the graph is built once, each call runs autograd over it."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    out = expr(*leaves)
+    out = out if isinstance(out, tuple) else (out,)
+    return lambda: torch.autograd.grad(out, leaves, grads[:len(out)], retain_graph=True)
+
+
+def reference_fns(op, d, expr_wrap=lambda f: f):
+    """The reference (or, with expr_wrap=torch.compile, its compiled version) for one op."""
+    x, (sh, sc, g, sh2, sc2, _), (shd, scd, gd, *_) = d["x"], d["mods"], d["mods_dot"]
+    if op == "ln_mod_fwd":
+        f = expr_wrap(ln_mod_expr)
+        return lambda: f(x, sh, sc)
+    if op == "ln_mod_jvp":
+        f = expr_wrap(ln_jvp_expr)
+        return lambda: f(x, d["x_dot"], sc, shd, scd)
+    if op == "ln_mod_bwd":
+        return _grad_fn(expr_wrap(ln_mod_expr), [x, sh, sc], (d["gy"],))
+    if op == "ln_dual_fwd":
+        f = expr_wrap(ln_dual_expr)
+        return lambda: f(x, sh, sc, sh2, sc2)
+    if op == "ln_dual_bwd":
+        return _grad_fn(expr_wrap(ln_dual_expr), [x, sh, sc, sh2, sc2], (d["gy"], d["gy2"]))
+    if op == "gated_fwd":
+        f = expr_wrap(gated_expr)
+        return lambda: f(x, g, d["h"])
+    if op == "gated_jvp":
+        f = expr_wrap(gated_jvp_expr)
+        return lambda: f(d["x_dot"], g, gd, d["h"], d["h_dot"])
+    if op == "gated_bwd":
+        return _grad_fn(expr_wrap(gated_expr), [x, g, d["h"]], (d["gout"],))
+    raise ValueError(op)
+
+
+def our_fn(op, d, impl):
+    """(callable, name of the dispatcher entry that records which implementation ran)."""
+    x, (sh, sc, g, sh2, sc2, _), (shd, scd, gd, *_) = d["x"], d["mods"], d["mods_dot"]
+    tm = sh.dtype
+    if op == "ln_mod_fwd":
+        return (lambda: rw._ln_fwd(x, [sh], [sc], EPS, impl)), "ln_mod_fwd"
+    if op == "ln_mod_jvp":
+        return (lambda: rw.layernorm_modulate_jvp(x, d["x_dot"], d["mean"], d["rstd"], sc, shd, scd, tm,
+                                                  impl=impl)), "ln_mod_jvp"
+    if op == "ln_mod_bwd":
+        return (lambda: rw._ln_bwd([d["gy"]], x, d["mean"], d["rstd"], [sc], impl)), None
+    if op == "ln_dual_fwd":
+        return (lambda: rw._ln_fwd(x, [sh, sh2], [sc, sc2], EPS, impl)), "ln_dual_fwd"
+    if op == "ln_dual_bwd":
+        return (lambda: rw._ln_bwd([d["gy"], d["gy2"]], x, d["mean"], d["rstd"], [sc, sc2], impl)), None
+    if op == "gated_fwd":
+        return (lambda: rw.gated_residual(x, g, d["h"], impl=impl)), "gated_fwd"
+    if op == "gated_jvp":
+        return (lambda: rw.gated_residual_jvp(d["x_dot"], g, gd, d["h"], d["h_dot"], impl=impl)), "gated_jvp"
+    if op == "gated_bwd":
+        return (lambda: rw._gated_bwd(d["gout"], g, d["h"], impl)), None
+    raise ValueError(op)
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second by a large device-to-device copy (the ceiling for these ops)."""
+    a = torch.empty(2**30, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    t = measure_events(lambda: b.copy_(a), warmup=3, iters=20)
+    return 2 * a.numel() * a.element_size() / (t.median_ms * 1e-3)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cpu", action="store_true", help="CPU: C++ twins vs PyTorch, fp32")
+    p.add_argument("--batch", type=int, default=0, help="samples N (rows = N*256); default 256 CUDA, 8 CPU")
+    p.add_argument("--ops", default=",".join(OPS))
+    p.add_argument("--shapes", default="B/2,XL/2")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile rows (CUDA; they run for the fp32-residual+bf16 training dtype)")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (smoke run)")
+    p.add_argument("--iters", type=int, default=0)
+    p.add_argument("--out", default=None, help="append rows as JSONL here")
+    args = p.parse_args()
+    device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
+    cuda = device.type == "cuda"
+    N = args.batch or (256 if cuda else 8)
+    shapes = {k: SHAPES[k] for k in args.shapes.split(",")}
+    if args.quick:
+        N, shapes = 2, {"odd": (5, 40)}
+    iters = args.iters or (3 if args.quick else (50 if cuda else 20))
+    dtypes = ([("fp32+bf16", torch.float32, torch.bfloat16), ("bf16", torch.bfloat16, torch.bfloat16)] if cuda
+              else [("fp32", torch.float32, torch.float32)])
+    impls = ["cuda", "triton"] if cuda else ["cpp"]
+    if cuda and not args.no_compile:
+        from torch import _dynamo
+
+        _dynamo.config.cache_size_limit = 64  # one compiled graph per (op, shape, dtype)
+    copy_bw = copy_bandwidth(device) if cuda and not args.quick else None
+    dev = device_name(device) + (f" (copy {copy_bw / 1e9:.0f} GB/s measured)" if copy_bw else "")
+    command = "python " + " ".join(sys.argv)
+
+    def timed(fn):
+        return measure_events(fn, warmup=3, iters=iters) if cuda else measure(fn, warmup=2, iters=iters,
+                                                                               device_type="cpu")
+
+    rows = []
+    for sname, (T, D) in shapes.items():
+        for dlabel, tx, tm in dtypes:
+            d = make_inputs(N, T, D, tx, tm, device)
+            for op in args.ops.split(","):
+                nbytes = ref.rowwise_bytes(op, N, T, D, tx.itemsize, tm.itemsize)
+                shape = f"{sname} N{N} T{T} D{D}"
+
+                def row(impl, timing, ref_ms=None, note=None, op=op, shape=shape, dlabel=dlabel, nbytes=nbytes):
+                    extra = {}
+                    if copy_bw:
+                        extra["of_copy_bw"] = f"{nbytes / (timing.median_ms * 1e-3) / copy_bw:.0%}"
+                    if note:
+                        extra["note"] = note
+                    r = Row(op=op, shape=shape, dtype=dlabel, impl=impl, timing=timing, bytes_moved=nbytes,
+                            ref_ms=ref_ms, extra=extra)
+                    rows.append(r)
+                    emit([r], out=args.out, device=dev, command=command)
+
+                t_ref = timed(reference_fns(op, d))
+                row("pytorch", t_ref)
+                if cuda and not args.no_compile and dlabel == dtypes[0][0]:  # compile rows: the training dtype
+                    try:
+                        t_c = timed(reference_fns(op, d, lambda f: torch.compile(f, dynamic=False)))
+                        row("torch.compile", t_c, t_ref.median_ms)
+                    except Exception as e:  # noqa: BLE001 - report and go on: the other rows still count
+                        print(f"[bench_rowwise] torch.compile failed for {op}: {type(e).__name__}: {e}")
+                for impl in impls:
+                    try:
+                        rw.implementation(d["x"], impl)
+                    except RuntimeError as e:
+                        print(f"[bench_rowwise] {impl} unavailable: {e}")
+                        continue
+                    fn, key = our_fn(op, d, impl)
+                    fn()
+                    if key is not None and rw.last_impl().get(key) != impl:
+                        print(f"[bench_rowwise] {op}: asked for {impl}, ran {rw.last_impl().get(key)}; skipped")
+                        continue
+                    row(impl, timed(fn), t_ref.median_ms)
+            del d
+            if cuda:
+                torch.cuda.empty_cache()
+    print("\nall rows:")
+    emit(rows, out=None, device=dev, command=command)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+// pybind11 bindings (through torch's extension machinery) of dumo_engine._C.
+#include <torch/extension.h>
+
+#include "rowwise_ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "dumo-engine C++/CUDA row-wise ops (LayerNorm + adaLN modulate, gated residual, dual final layer) "
+            "with JVP and backward; CPU twins always, CUDA kernels when built with nvcc";
+  m.def("ln_mod_fwd", &dumo::ln_mod_fwd, "y_k = LN(x)(1 + scale_k) + shift_k -> [y_1(, y_2), mean, rstd]",
+        py::arg("x"), py::arg("shifts"), py::arg("scales"), py::arg("eps"));
+  m.def("ln_mod_jvp", &dumo::ln_mod_jvp, "y_dot from the saved statistics", py::arg("x"), py::arg("x_dot"),
+        py::arg("mean"), py::arg("rstd"), py::arg("scale"), py::arg("shift_dot"), py::arg("scale_dot"),
+        py::arg("y_dot_f32"));
+  m.def("ln_mod_bwd", &dumo::ln_mod_bwd, "-> [gx, gshift_1(, gshift_2), gscale_1(, gscale_2)]", py::arg("gys"),
+        py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("scales"));
+  m.def("gated_fwd", &dumo::gated_fwd, "out = x + g h", py::arg("x"), py::arg("g"), py::arg("h"));
+  m.def("gated_jvp", &dumo::gated_jvp, "out_dot = x_dot + g_dot h + g h_dot (float32)", py::arg("x_dot"),
+        py::arg("g"), py::arg("g_dot"), py::arg("h"), py::arg("h_dot"));
+  m.def("gated_bwd", &dumo::gated_bwd, "-> [gh = gout g, gg = sum_t gout h]", py::arg("gout"), py::arg("g"),
+        py::arg("h"));
+  m.def("with_cuda", &dumo::with_cuda, "True when the CUDA kernels were compiled in");
+}

@@ -1,0 +1,317 @@
+// Torch-facing glue of the row-wise ops: input checks with messages that name the problem, output allocation,
+// and dispatch to the C++ CPU twin (rowwise_cpu.cpp) or the CUDA launcher (rowwise_cuda.cu, when built with
+// DUMO_WITH_CUDA). Formulas: rowwise.h and the kernels; reference: dumo_engine/ops/rowwise_ref.py.
+#include "rowwise_ops.h"
+
+#include <ATen/ATen.h>
+
+#ifdef DUMO_WITH_CUDA
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_runtime.h>
+#endif
+
+#include "rowwise.h"
+
+namespace dumo {
+namespace {
+
+DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kBFloat16: return DType::BF16;
+    case at::kHalf: return DType::F16;
+    default:
+      TORCH_CHECK_TYPE(false, "dumo_engine._C.", op, ": ", name, " has dtype ", t.scalar_type(),
+                       "; supported: float32, bfloat16, float16");
+  }
+  return DType::F32;
+}
+
+void check_defined(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.defined(), "dumo_engine._C.", op, ": ", name, " is undefined (None)");
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), "dumo_engine._C.", op, ": ", name, " is on ", t.device(),
+              " but x is on ", x.device(), "; all inputs must be on one device");
+}
+
+// (N, T, D) row tensor: contiguous, same shape and device as the reference row tensor x.
+void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+  check_defined(t, op, name);
+  check_same_device(t, x, op, name);
+  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "dumo_engine._C.", op, ": ", name, " has shape ", t.sizes(),
+                    " but x has shape ", x.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
+                    t.strides(), "); call .contiguous() first");
+}
+
+Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
+  check_defined(x, op, name);
+  TORCH_CHECK_VALUE(x.dim() == 3, "dumo_engine._C.", op, ": ", name, " must be (N, T, D), got ", x.dim(),
+                    " dims with shape ", x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
+                    x.strides(), "); call .contiguous() first");
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "dumo_engine._C.", op, ": unsupported device ", x.device());
+  const Shape s{x.size(0), x.size(1), x.size(2)};
+  TORCH_CHECK_VALUE(s.D > 0, "dumo_engine._C.", op, ": hidden size D must be positive");
+  if (x.is_cuda())
+    TORCH_CHECK_VALUE(s.D <= kMaxHidden, "dumo_engine._C.", op, ": hidden size ", s.D, " exceeds the CUDA kernels' ",
+                      kMaxHidden);
+  return s;
+}
+
+// (N, D) per-sample vector with a unit last stride (row-strided views such as adaLN(c).chunk(6, 1) are fine).
+void check_vec(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name) {
+  check_defined(t, op, name);
+  check_same_device(t, x, op, name);
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.D, "dumo_engine._C.", op, ": ", name,
+                    " must have shape (N, D) = (", s.N, ", ", s.D, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.stride(1) == 1 || s.D == 1, "dumo_engine._C.", op, ": ", name,
+                    " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+}
+
+void check_stats(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name) {
+  check_defined(t, op, name);
+  check_same_device(t, x, op, name);
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "dumo_engine._C.", op, ": ", name, " must be float32, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.T && t.is_contiguous(), "dumo_engine._C.",
+                    op, ": ", name, " must be a contiguous (N, T) = (", s.N, ", ", s.T, ") tensor, got shape ",
+                    t.sizes(), " strides ", t.strides());
+}
+
+void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
+  TORCH_CHECK_TYPE(t.scalar_type() == want, "dumo_engine._C.", op, ": ", name, " has dtype ", t.scalar_type(),
+                   " but must be ", want, " (", why, ")");
+}
+
+int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : 0; }  // one row: never stepped
+
+bool use_cuda(const at::Tensor& x, const char* op) {
+  if (!x.is_cuda()) return false;
+#ifdef DUMO_WITH_CUDA
+  return true;
+#else
+  TORCH_CHECK(false, "dumo_engine._C.", op, ": got CUDA tensors, but this build of dumo_engine._C has the C++ CPU "
+              "twins only (built against a CPU torch or without nvcc); rebuild with `pip install -e .` on a CUDA "
+              "machine");
+  return false;
+#endif
+}
+
+#ifdef DUMO_WITH_CUDA
+void check_launch(int err, const char* op) {
+  TORCH_CHECK(err == 0, "dumo_engine._C.", op, ": CUDA kernel launch failed: ",
+              cudaGetErrorString(static_cast<cudaError_t>(err)));
+}
+#define DUMO_CUDA_CONTEXT(x) \
+  const c10::cuda::CUDAGuard guard_((x).device()); \
+  void* stream_ = at::cuda::getCurrentCUDAStream().stream()
+#endif
+
+}  // namespace
+
+std::vector<at::Tensor> ln_mod_fwd(const at::Tensor& x, const std::vector<at::Tensor>& shifts,
+                                   const std::vector<at::Tensor>& scales, double eps) {
+  const char* op = "ln_mod_fwd";
+  const Shape s = check_x(x, op);
+  const int nmod = int(shifts.size());
+  TORCH_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == shifts.size(), "dumo_engine._C.", op,
+                    ": needs one or two (shift, scale) pairs, got ", shifts.size(), " shifts and ", scales.size(),
+                    " scales");
+  const DType tx = dtype_of(x, op, "x");
+  const DType tm = dtype_of(shifts[0], op, "shift");
+  Mod mods[2];
+  std::vector<at::Tensor> out;
+  void* ys[2];
+  for (int k = 0; k < nmod; ++k) {
+    check_vec(shifts[k], x, s, op, k ? "shift_u" : "shift");
+    check_vec(scales[k], x, s, op, k ? "scale_u" : "scale");
+    check_dtype(shifts[k], shifts[0].scalar_type(), op, k ? "shift_u" : "shift", "one dtype for all modulations");
+    check_dtype(scales[k], shifts[0].scalar_type(), op, k ? "scale_u" : "scale", "one dtype for all modulations");
+    mods[k] = Mod{shifts[k].data_ptr(), scales[k].data_ptr(), row_stride(shifts[k]), row_stride(scales[k])};
+    out.push_back(at::empty(x.sizes(), x.options().dtype(shifts[0].scalar_type())));
+    ys[k] = out.back().data_ptr();
+  }
+  at::Tensor mean = at::empty({s.N, s.T}, x.options().dtype(at::kFloat));
+  at::Tensor rstd = at::empty({s.N, s.T}, x.options().dtype(at::kFloat));
+  if (use_cuda(x, op)) {
+#ifdef DUMO_WITH_CUDA
+    DUMO_CUDA_CONTEXT(x);
+    check_launch(ln_mod_fwd_cuda(x.data_ptr(), mods, nmod, ys, mean.data_ptr<float>(), rstd.data_ptr<float>(), s,
+                                 float(eps), tx, tm, stream_), op);
+#endif
+  } else {
+    ln_mod_fwd_cpu(x.data_ptr(), mods, nmod, ys, mean.data_ptr<float>(), rstd.data_ptr<float>(), s, float(eps), tx,
+                   tm);
+  }
+  out.push_back(mean);
+  out.push_back(rstd);
+  return out;
+}
+
+at::Tensor ln_mod_jvp(const at::Tensor& x, const at::Tensor& x_dot, const at::Tensor& mean, const at::Tensor& rstd,
+                      const at::Tensor& scale, const at::Tensor& shift_dot, const at::Tensor& scale_dot,
+                      bool y_dot_f32) {
+  const char* op = "ln_mod_jvp";
+  const Shape s = check_x(x, op);
+  check_rows(x_dot, x, op, "x_dot");
+  check_dtype(x_dot, at::kFloat, op, "x_dot", "the tangent stream is float32");
+  check_stats(mean, x, s, op, "mean");
+  check_stats(rstd, x, s, op, "rstd");
+  check_vec(scale, x, s, op, "scale");
+  check_vec(shift_dot, x, s, op, "shift_dot");
+  check_vec(scale_dot, x, s, op, "scale_dot");
+  const DType tx = dtype_of(x, op, "x");
+  const DType tm = dtype_of(scale, op, "scale");
+  check_dtype(shift_dot, scale.scalar_type(), op, "shift_dot", "modulation vectors share scale's dtype");
+  check_dtype(scale_dot, scale.scalar_type(), op, "scale_dot", "modulation vectors share scale's dtype");
+  at::Tensor y_dot = at::empty(x.sizes(), x.options().dtype(y_dot_f32 ? at::kFloat : scale.scalar_type()));
+  if (use_cuda(x, op)) {
+#ifdef DUMO_WITH_CUDA
+    DUMO_CUDA_CONTEXT(x);
+    check_launch(ln_mod_jvp_cuda(x.data_ptr(), x_dot.data_ptr<float>(), mean.data_ptr<float>(),
+                                 rstd.data_ptr<float>(), scale.data_ptr(), row_stride(scale), shift_dot.data_ptr(),
+                                 row_stride(shift_dot), scale_dot.data_ptr(), row_stride(scale_dot),
+                                 y_dot.data_ptr(), y_dot_f32, s, tx, tm, stream_), op);
+#endif
+  } else {
+    ln_mod_jvp_cpu(x.data_ptr(), x_dot.data_ptr<float>(), mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                   scale.data_ptr(), row_stride(scale), shift_dot.data_ptr(), row_stride(shift_dot),
+                   scale_dot.data_ptr(), row_stride(scale_dot), y_dot.data_ptr(), y_dot_f32, s, tx, tm);
+  }
+  return y_dot;
+}
+
+std::vector<at::Tensor> ln_mod_bwd(const std::vector<at::Tensor>& gys, const at::Tensor& x, const at::Tensor& mean,
+                                   const at::Tensor& rstd, const std::vector<at::Tensor>& scales) {
+  const char* op = "ln_mod_bwd";
+  const Shape s = check_x(x, op);
+  const int nmod = int(gys.size());
+  TORCH_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == gys.size(), "dumo_engine._C.", op,
+                    ": needs one or two (gy, scale) pairs, got ", gys.size(), " gys and ", scales.size(), " scales");
+  check_stats(mean, x, s, op, "mean");
+  check_stats(rstd, x, s, op, "rstd");
+  const DType tx = dtype_of(x, op, "x");
+  const DType tm = dtype_of(scales[0], op, "scale");
+  const void* gyp[2];
+  const void* scp[2];
+  int64_t strides[2];
+  std::vector<at::Tensor> out{at::empty_like(x)};
+  std::vector<at::Tensor> gsh, gsc;
+  void* gshp[2];
+  void* gscp[2];
+  for (int k = 0; k < nmod; ++k) {
+    check_rows(gys[k], x, op, k ? "gy_u" : "gy");
+    check_vec(scales[k], x, s, op, k ? "scale_u" : "scale");
+    check_dtype(gys[k], scales[0].scalar_type(), op, k ? "gy_u" : "gy", "gradients of y share the scale dtype");
+    check_dtype(scales[k], scales[0].scalar_type(), op, k ? "scale_u" : "scale", "one dtype for all modulations");
+    gyp[k] = gys[k].data_ptr();
+    scp[k] = scales[k].data_ptr();
+    strides[k] = row_stride(scales[k]);
+    gsh.push_back(at::empty({s.N, s.D}, x.options().dtype(scales[0].scalar_type())));
+    gsc.push_back(at::empty({s.N, s.D}, x.options().dtype(scales[0].scalar_type())));
+    gshp[k] = gsh.back().data_ptr();
+    gscp[k] = gsc.back().data_ptr();
+  }
+  at::Tensor partial = at::empty({bwd_partial_floats(s, 2 * nmod)}, x.options().dtype(at::kFloat));
+  if (use_cuda(x, op)) {
+#ifdef DUMO_WITH_CUDA
+    DUMO_CUDA_CONTEXT(x);
+    check_launch(ln_mod_bwd_cuda(gyp, x.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), scp, strides,
+                                 nmod, out[0].data_ptr(), gshp, gscp, partial.data_ptr<float>(), s, tx, tm, stream_),
+                 op);
+#endif
+  } else {
+    ln_mod_bwd_cpu(gyp, x.data_ptr(), mean.data_ptr<float>(), rstd.data_ptr<float>(), scp, strides, nmod,
+                   out[0].data_ptr(), gshp, gscp, partial.data_ptr<float>(), s, tx, tm);
+  }
+  out.insert(out.end(), gsh.begin(), gsh.end());
+  out.insert(out.end(), gsc.begin(), gsc.end());
+  return out;
+}
+
+at::Tensor gated_fwd(const at::Tensor& x, const at::Tensor& g, const at::Tensor& h) {
+  const char* op = "gated_fwd";
+  const Shape s = check_x(x, op);
+  check_vec(g, x, s, op, "g");
+  check_rows(h, x, op, "h");
+  const DType tx = dtype_of(x, op, "x");
+  const DType tm = dtype_of(g, op, "g");
+  check_dtype(h, g.scalar_type(), op, "h", "the branch output and its gate share a dtype");
+  at::Tensor out = at::empty_like(x);
+  if (use_cuda(x, op)) {
+#ifdef DUMO_WITH_CUDA
+    DUMO_CUDA_CONTEXT(x);
+    check_launch(gated_fwd_cuda(x.data_ptr(), g.data_ptr(), row_stride(g), h.data_ptr(), out.data_ptr(), s, tx, tm,
+                                stream_), op);
+#endif
+  } else {
+    gated_fwd_cpu(x.data_ptr(), g.data_ptr(), row_stride(g), h.data_ptr(), out.data_ptr(), s, tx, tm);
+  }
+  return out;
+}
+
+at::Tensor gated_jvp(const at::Tensor& x_dot, const at::Tensor& g, const at::Tensor& g_dot, const at::Tensor& h,
+                     const at::Tensor& h_dot) {
+  const char* op = "gated_jvp";
+  const Shape s = check_x(x_dot, op, "x_dot");
+  check_dtype(x_dot, at::kFloat, op, "x_dot", "the tangent stream is float32");
+  check_vec(g, x_dot, s, op, "g");
+  check_vec(g_dot, x_dot, s, op, "g_dot");
+  check_rows(h, x_dot, op, "h");
+  check_rows(h_dot, x_dot, op, "h_dot");
+  const DType tm = dtype_of(g, op, "g");
+  check_dtype(g_dot, g.scalar_type(), op, "g_dot", "the gate and its tangent share a dtype");
+  check_dtype(h, g.scalar_type(), op, "h", "the branch output and its gate share a dtype");
+  check_dtype(h_dot, g.scalar_type(), op, "h_dot", "the branch tangent and its gate share a dtype");
+  at::Tensor out = at::empty_like(x_dot);
+  if (use_cuda(x_dot, op)) {
+#ifdef DUMO_WITH_CUDA
+    DUMO_CUDA_CONTEXT(x_dot);
+    check_launch(gated_jvp_cuda(x_dot.data_ptr<float>(), g.data_ptr(), row_stride(g), g_dot.data_ptr(),
+                                row_stride(g_dot), h.data_ptr(), h_dot.data_ptr(), out.data_ptr<float>(), s, tm,
+                                stream_), op);
+#endif
+  } else {
+    gated_jvp_cpu(x_dot.data_ptr<float>(), g.data_ptr(), row_stride(g), g_dot.data_ptr(), row_stride(g_dot),
+                  h.data_ptr(), h_dot.data_ptr(), out.data_ptr<float>(), s, tm);
+  }
+  return out;
+}
+
+std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, const at::Tensor& h) {
+  const char* op = "gated_bwd";
+  const Shape s = check_x(gout, op, "gout");
+  check_vec(g, gout, s, op, "g");
+  check_rows(h, gout, op, "h");
+  const DType tx = dtype_of(gout, op, "gout");
+  const DType tm = dtype_of(g, op, "g");
+  check_dtype(h, g.scalar_type(), op, "h", "the branch output and its gate share a dtype");
+  at::Tensor gh = at::empty_like(h);
+  at::Tensor gg = at::empty({s.N, s.D}, gout.options().dtype(g.scalar_type()));
+  at::Tensor partial = at::empty({bwd_partial_floats(s, 1)}, gout.options().dtype(at::kFloat));
+  if (use_cuda(gout, op)) {
+#ifdef DUMO_WITH_CUDA
+    DUMO_CUDA_CONTEXT(gout);
+    check_launch(gated_bwd_cuda(gout.data_ptr(), g.data_ptr(), row_stride(g), h.data_ptr(), gh.data_ptr(),
+                                gg.data_ptr(), partial.data_ptr<float>(), s, tx, tm, stream_), op);
+#endif
+  } else {
+    gated_bwd_cpu(gout.data_ptr(), g.data_ptr(), row_stride(g), h.data_ptr(), gh.data_ptr(), gg.data_ptr(),
+                  partial.data_ptr<float>(), s, tx, tm);
+  }
+  return {gh, gg};
+}
+
+bool with_cuda() {
+#ifdef DUMO_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace dumo

@@ -1,0 +1,671 @@
+// CUDA kernels for the row-wise ops (see rowwise.h for layout and dtypes; dumo_engine/ops/rowwise_ref.py is the
+// PyTorch reference). No torch headers: nvcc compile-checks this file alone.
+//
+// Geometry. A row of D elements is owned by `tpr` threads (blockDim.x = ceil(D/8) rounded up to a warp), each
+// holding 8 columns in registers: on the vector path (D % 8 == 0 and 16-byte aligned operands) 8 consecutive
+// columns read with one 16-byte load (bf16/fp16) or two (fp32); on the scalar path (any D) columns lane + j*tpr,
+// coalesced across the warp. blockDim.y = rows per block (a power of two, about 256 threads per block). So each
+// input is read once and each output written once; row sums go through warp shuffles and one shared-memory step.
+// Backward column sums (over the T rows of a sample) are accumulated per 32-row tile in registers, reduced over
+// blockDim.y in shared memory, written as fp32 partials and summed in a second small kernel in a fixed order:
+// deterministic, no atomics.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "rowwise.h"
+
+namespace dumo {
+namespace {
+
+constexpr int VEC = 8;
+
+template <typename T>
+struct Conv;
+template <>
+struct Conv<float> {
+  __device__ static float to(float v) { return v; }
+  __device__ static float from(float v) { return v; }
+};
+template <>
+struct Conv<__nv_bfloat16> {
+  __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Conv<__half> {
+  __device__ static float to(__half v) { return __half2float(v); }
+  __device__ static __half from(float v) { return __float2half_rn(v); }
+};
+
+// 8 consecutive elements at a 16-byte aligned p: one 16-byte load for 2-byte types, two for float.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float* r) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    r[0] = a.x, r[1] = a.y, r[2] = a.z, r[3] = a.w, r[4] = b.x, r[5] = b.y, r[6] = b.z, r[7] = b.w;
+  } else {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) r[j] = Conv<T>::to(e[j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float* r) {
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(r[0], r[1], r[2], r[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(r[4], r[5], r[6], r[7]);
+  } else {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) e[j] = Conv<T>::from(r[j]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+}
+
+// The (up to) 8 columns this thread owns in a row of D.
+template <bool V>
+struct Cols {
+  int lane, nthr, D;
+  __device__ __forceinline__ int col(int j) const { return V ? lane * VEC + j : lane + j * nthr; }
+  __device__ __forceinline__ bool ok(int j) const { return V ? lane * VEC < D : col(j) < D; }
+};
+
+template <bool V, typename T>
+__device__ __forceinline__ void load_cols(const T* __restrict__ row, const Cols<V>& c, float* r) {
+  if constexpr (V) {
+    if (c.lane * VEC < c.D) {
+      load8(row + c.lane * VEC, r);
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) r[j] = 0.f;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) r[j] = c.ok(j) ? Conv<T>::to(row[c.col(j)]) : 0.f;
+  }
+}
+
+template <bool V, typename T>
+__device__ __forceinline__ void store_cols(T* __restrict__ row, const Cols<V>& c, const float* r) {
+  if constexpr (V) {
+    if (c.lane * VEC < c.D) store8(row + c.lane * VEC, r);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j)
+      if (c.ok(j)) row[c.col(j)] = Conv<T>::from(r[j]);
+  }
+}
+
+// Sum K values over the threads of one row (blockDim.x threads, a multiple of 32). Every thread of the block
+// must call it (it may __syncthreads); every thread of the row gets the same totals (fixed order).
+template <int K>
+__device__ __forceinline__ void row_sum(float* v, float* sh /* shared, K * 32 */) {
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v[k] += __shfl_xor_sync(0xffffffffu, v[k], o);
+  const int wpr = blockDim.x >> 5;
+  if (wpr == 1) return;
+  const int lane = threadIdx.x & 31, w = threadIdx.x >> 5, base = threadIdx.y * wpr;
+  __syncthreads();  // the previous call's readers are done with sh
+  if (lane == 0)
+#pragma unroll
+    for (int k = 0; k < K; ++k) sh[k * 32 + base + w] = v[k];
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    float s = 0.f;
+    for (int i = 0; i < wpr; ++i) s += sh[k * 32 + base + i];
+    v[k] = s;
+  }
+}
+
+template <typename T>
+struct ModT {
+  const T* shift;
+  const T* scale;
+  int64_t ss, sc;  // row strides (elements)
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// LayerNorm (no affine) + adaLN modulate, NMOD modulations of one normalisation (2 = the dual final layer):
+//   mean = sum_D x / D,  rstd = 1 / sqrt(sum_D (x - mean)^2 / D + eps),  n = (x - mean) rstd
+//   y_k = n (1 + scale_k) + shift_k
+// ---------------------------------------------------------------------------------------------------------------
+template <typename TX, typename TM, bool V, int NMOD>
+__global__ void __launch_bounds__(512) ln_mod_fwd_kernel(const TX* __restrict__ x, ModT<TM> m0, ModT<TM> m1,
+                                                          TM* __restrict__ y0, TM* __restrict__ y1,
+                                                          float* __restrict__ mean, float* __restrict__ rstd,
+                                                          int64_t R, int64_t T, int D, float eps) {
+  __shared__ float sh[32];
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool live = row < R;
+  const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
+  float xv[VEC];
+  if (live) {
+    load_cols<V>(x + row * D, c, xv);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xv[j] = 0.f;
+  }
+  float s[1] = {0.f};
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) s[0] += xv[j];
+  row_sum<1>(s, sh);
+  const float mu = s[0] / D;
+  float q[1] = {0.f};
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    xv[j] = c.ok(j) ? xv[j] - mu : 0.f;  // two-pass variance from registers
+    q[0] += xv[j] * xv[j];
+  }
+  row_sum<1>(q, sh);
+  const float rs = rsqrtf(q[0] / D + eps);
+  if (!live) return;  // after the last block-wide step
+  const int64_t n = row / T;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) xv[j] *= rs;
+#pragma unroll
+  for (int k = 0; k < NMOD; ++k) {
+    const ModT<TM>& m = k == 0 ? m0 : m1;
+    float sft[VEC], scl[VEC], y[VEC];
+    load_cols<V>(m.shift + n * m.ss, c, sft);
+    load_cols<V>(m.scale + n * m.sc, c, scl);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) y[j] = xv[j] * (1.f + scl[j]) + sft[j];
+    store_cols<V>((k == 0 ? y0 : y1) + row * D, c, y);
+  }
+  if (threadIdx.x == 0) mean[row] = mu, rstd[row] = rs;
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// JVP of y = n (1 + scale) + shift along (x_dot, shift_dot, scale_dot), from the saved mean / rstd:
+//   n_dot = rstd (x_dot - sum_D(x_dot) / D - n sum_D(n x_dot) / D)
+//   y_dot = n_dot (1 + scale) + n scale_dot + shift_dot
+// ---------------------------------------------------------------------------------------------------------------
+template <typename TX, typename TM, typename TY, bool V>
+__global__ void __launch_bounds__(512) ln_mod_jvp_kernel(
+    const TX* __restrict__ x, const float* __restrict__ x_dot, const float* __restrict__ mean,
+    const float* __restrict__ rstd, const TM* __restrict__ scale, int64_t ssc, const TM* __restrict__ shift_dot,
+    int64_t ssd, const TM* __restrict__ scale_dot, int64_t sscd, TY* __restrict__ y_dot, int64_t R, int64_t T,
+    int D) {
+  __shared__ float sh[64];
+  const int64_t row = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  const bool live = row < R;
+  const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
+  float nv[VEC], xd[VEC];
+  float mu = 0.f, rs = 0.f;
+  if (live) {
+    load_cols<V>(x + row * D, c, nv);
+    load_cols<V>(x_dot + row * D, c, xd);
+    mu = mean[row], rs = rstd[row];
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) nv[j] = xd[j] = 0.f;
+  }
+  float s[2] = {0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    nv[j] = c.ok(j) ? (nv[j] - mu) * rs : 0.f;
+    s[0] += xd[j];
+    s[1] += nv[j] * xd[j];
+  }
+  row_sum<2>(s, sh);
+  if (!live) return;
+  const int64_t n = row / T;
+  const float m0 = s[0] / D, m1 = s[1] / D;
+  float scl[VEC], sd[VEC], scd[VEC], yd[VEC];
+  load_cols<V>(scale + n * ssc, c, scl);
+  load_cols<V>(shift_dot + n * ssd, c, sd);
+  load_cols<V>(scale_dot + n * sscd, c, scd);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) yd[j] = rs * (xd[j] - m0 - nv[j] * m1) * (1.f + scl[j]) + nv[j] * scd[j] + sd[j];
+  store_cols<V>(y_dot + row * D, c, yd);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward of y_k = n (1 + scale_k) + shift_k, k < NMOD, for gradients gy_k:
+//   g = sum_k gy_k (1 + scale_k)
+//   gx = rstd (g - sum_D(g) / D - n sum_D(g n) / D)
+//   gshift_k = sum_t gy_k,  gscale_k = sum_t gy_k n            (column sums over the T rows of a sample)
+// Grid (tiles of kBwdTileRows rows, N); partial[(a, n, tile, d)], a = shift_0.., scale_0..
+// ---------------------------------------------------------------------------------------------------------------
+template <bool V, int A>
+__device__ __forceinline__ void write_partials(const float (&acc)[A][VEC], const Cols<V>& c, float* red,
+                                               float* __restrict__ partial, int64_t N, int64_t n, int64_t tile,
+                                               int64_t n_tiles, int D) {
+  const int me = (threadIdx.y * blockDim.x + threadIdx.x) * VEC;
+#pragma unroll
+  for (int a = 0; a < A; ++a) {  // unrolled: acc stays in registers
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) red[me + j] = acc[a][j];
+    __syncthreads();
+    if (threadIdx.y == 0) {
+      float* out = partial + ((a * N + n) * n_tiles + tile) * D;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        float sum = 0.f;
+        for (int yy = 0; yy < int(blockDim.y); ++yy) sum += red[(yy * blockDim.x + threadIdx.x) * VEC + j];
+        if (c.ok(j)) out[c.col(j)] = sum;
+      }
+    }
+  }
+}
+
+template <typename TX, typename TM, bool V, int NMOD>
+__global__ void __launch_bounds__(512) ln_mod_bwd_kernel(const TM* __restrict__ gy0, const TM* __restrict__ gy1,
+                                                          const TX* __restrict__ x, const float* __restrict__ mean,
+                                                          const float* __restrict__ rstd,
+                                                          const TM* __restrict__ sc0, int64_t s0,
+                                                          const TM* __restrict__ sc1, int64_t s1,
+                                                          TX* __restrict__ gx, float* __restrict__ partial,
+                                                          int64_t N, int64_t T, int D) {
+  __shared__ float sh[64];
+  extern __shared__ float red[];
+  const int64_t n = blockIdx.y, tile = blockIdx.x, n_tiles = gridDim.x;
+  const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
+  float onep[NMOD][VEC];
+  load_cols<V>(sc0 + n * s0, c, onep[0]);
+  if constexpr (NMOD == 2) load_cols<V>(sc1 + n * s1, c, onep[1]);
+#pragma unroll
+  for (int k = 0; k < NMOD; ++k)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) onep[k][j] += 1.f;
+  float acc[2 * NMOD][VEC];
+#pragma unroll
+  for (int a = 0; a < 2 * NMOD; ++a)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[a][j] = 0.f;
+  const int iters = kBwdTileRows / blockDim.y;  // blockDim.y is a power of two dividing kBwdTileRows
+  for (int it = 0; it < iters; ++it) {
+    const int64_t t = tile * kBwdTileRows + it * blockDim.y + threadIdx.y;
+    const bool live = t < T;
+    const int64_t row = n * T + t;
+    float gy[NMOD][VEC], nv[VEC];
+    float mu = 0.f, rs = 0.f;
+    if (live) {
+      load_cols<V>(gy0 + row * D, c, gy[0]);
+      if constexpr (NMOD == 2) load_cols<V>(gy1 + row * D, c, gy[1]);
+      load_cols<V>(x + row * D, c, nv);
+      mu = mean[row], rs = rstd[row];
+    } else {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        nv[j] = 0.f;
+#pragma unroll
+        for (int k = 0; k < NMOD; ++k) gy[k][j] = 0.f;
+      }
+    }
+    float g[VEC], s[2] = {0.f, 0.f};
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      nv[j] = (live && c.ok(j)) ? (nv[j] - mu) * rs : 0.f;
+      g[j] = 0.f;
+#pragma unroll
+      for (int k = 0; k < NMOD; ++k) g[j] += gy[k][j] * onep[k][j];
+      s[0] += g[j];
+      s[1] += g[j] * nv[j];
+#pragma unroll
+      for (int k = 0; k < NMOD; ++k) {
+        acc[k][j] += gy[k][j];
+        acc[NMOD + k][j] += gy[k][j] * nv[j];
+      }
+    }
+    row_sum<2>(s, sh);
+    if (live) {
+      const float m0 = s[0] / D, m1 = s[1] / D;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) g[j] = rs * (g[j] - m0 - nv[j] * m1);
+      store_cols<V>(gx + row * D, c, g);
+    }
+  }
+  write_partials<V, 2 * NMOD>(acc, c, red, partial, N, n, tile, n_tiles, D);
+}
+
+// out[a][n, d] = sum_tile partial[a, n, tile, d] (fixed order), a < arrays; outputs (N, D) contiguous.
+struct OutPtrs {
+  void* p[4];
+};
+
+template <typename TM>
+__global__ void colsum_kernel(const float* __restrict__ partial, OutPtrs outs, int arrays, int64_t N,
+                              int64_t n_tiles, int D) {
+  const int64_t ND = N * D;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= arrays * ND) return;
+  const int64_t a = i / ND, nd = i % ND, n = nd / D, d = nd % D;
+  const float* p = partial + (a * N + n) * n_tiles * D + d;
+  float s = 0.f;
+  for (int64_t tl = 0; tl < n_tiles; ++tl) s += p[tl * D];
+  static_cast<TM*>(outs.p[a])[nd] = Conv<TM>::from(s);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Gated residual, elementwise over (N, T, D) with the per-sample gate g[n]:
+//   forward  out = x + g h
+//   JVP      out_dot = x_dot + g_dot h + g h_dot
+// A thread handles 8 consecutive elements on the vector path (never across a row: D % 8 == 0), one otherwise.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename TX, typename TM, bool V>
+__global__ void gated_fwd_kernel(const TX* __restrict__ x, const TM* __restrict__ g, int64_t gs,
+                                 const TM* __restrict__ h, TX* __restrict__ out, int64_t total, int64_t TD, int D) {
+  const int64_t per = V ? VEC : 1;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * per; i < total;
+       i += int64_t(gridDim.x) * blockDim.x * per) {
+    const int64_t gi = (i / TD) * gs + i % D;
+    if constexpr (V) {
+      float xv[VEC], gv[VEC], hv[VEC];
+      load8(x + i, xv);
+      load8(g + gi, gv);
+      load8(h + i, hv);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xv[j] += gv[j] * hv[j];
+      store8(out + i, xv);
+    } else {
+      out[i] = Conv<TX>::from(Conv<TX>::to(x[i]) + Conv<TM>::to(g[gi]) * Conv<TM>::to(h[i]));
+    }
+  }
+}
+
+template <typename TM, bool V>
+__global__ void gated_jvp_kernel(const float* __restrict__ x_dot, const TM* __restrict__ g, int64_t gs,
+                                 const TM* __restrict__ g_dot, int64_t gds, const TM* __restrict__ h,
+                                 const TM* __restrict__ h_dot, float* __restrict__ out_dot, int64_t total,
+                                 int64_t TD, int D) {
+  const int64_t per = V ? VEC : 1;
+  for (int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * per; i < total;
+       i += int64_t(gridDim.x) * blockDim.x * per) {
+    const int64_t n = i / TD, d = i % D;
+    if constexpr (V) {
+      float xd[VEC], gv[VEC], gd[VEC], hv[VEC], hd[VEC];
+      load8(x_dot + i, xd);
+      load8(g + n * gs + d, gv);
+      load8(g_dot + n * gds + d, gd);
+      load8(h + i, hv);
+      load8(h_dot + i, hd);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) xd[j] += gd[j] * hv[j] + gv[j] * hd[j];
+      store8(out_dot + i, xd);
+    } else {
+      out_dot[i] = x_dot[i] + Conv<TM>::to(g_dot[n * gds + d]) * Conv<TM>::to(h[i]) +
+                   Conv<TM>::to(g[n * gs + d]) * Conv<TM>::to(h_dot[i]);
+    }
+  }
+}
+
+// Backward of out = x + g h:  gx = gout (no kernel),  gh = gout g,  gg = sum_t gout h  (tiled like ln_mod_bwd)
+template <typename TX, typename TM, bool V>
+__global__ void __launch_bounds__(512) gated_bwd_kernel(const TX* __restrict__ gout, const TM* __restrict__ g,
+                                                         int64_t gs, const TM* __restrict__ h, TM* __restrict__ gh,
+                                                         float* __restrict__ partial, int64_t N, int64_t T, int D) {
+  extern __shared__ float red[];
+  const int64_t n = blockIdx.y, tile = blockIdx.x, n_tiles = gridDim.x;
+  const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
+  float gv[VEC], acc[1][VEC];
+  load_cols<V>(g + n * gs, c, gv);
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc[0][j] = 0.f;
+  const int iters = kBwdTileRows / blockDim.y;
+  for (int it = 0; it < iters; ++it) {
+    const int64_t t = tile * kBwdTileRows + it * blockDim.y + threadIdx.y;
+    if (t >= T) break;  // no block-wide step inside this loop
+    const int64_t row = n * T + t;
+    float go[VEC], hv[VEC], o[VEC];
+    load_cols<V>(gout + row * D, c, go);
+    load_cols<V>(h + row * D, c, hv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      o[j] = go[j] * gv[j];
+      acc[0][j] += go[j] * hv[j];
+    }
+    store_cols<V>(gh + row * D, c, o);
+  }
+  write_partials<V, 1>(acc, c, red, partial, N, n, tile, n_tiles, D);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// launchers
+// ---------------------------------------------------------------------------------------------------------------
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+template <typename F>
+void with_type(DType t, F&& f) {
+  switch (t) {
+    case DType::F32: f(Tag<float>{}); break;
+    case DType::BF16: f(Tag<__nv_bfloat16>{}); break;
+    case DType::F16: f(Tag<__half>{}); break;
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+struct Geo {
+  dim3 block;
+  int rpb;
+};
+
+// tpr threads per row (8 columns each, a multiple of 32), rpb rows per block (power of two, ~256 threads).
+Geo geometry(int64_t D) {
+  const int tpr = int(((D + VEC - 1) / VEC + 31) / 32 * 32);
+  int rpb = 1;
+  while (rpb * 2 * tpr <= 256 && rpb * 2 <= kBwdTileRows) rpb *= 2;
+  return {dim3(tpr, rpb), rpb};
+}
+
+int finish() { return int(cudaGetLastError()); }
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Grid for the flat elementwise kernels: enough blocks to fill the chip, grid-stride beyond that.
+unsigned flat_grid(int64_t total, int per) {
+  return unsigned(ceil_div(ceil_div(total, per), 256) < (1 << 20) ? ceil_div(ceil_div(total, per), 256) : (1 << 20));
+}
+
+}  // namespace
+
+int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
+                    float eps, DType tx, DType tm, void* stream) {
+  const int64_t R = s.N * s.T;
+  if (R == 0) return 0;
+  bool vec = s.D % VEC == 0 && aligned16(x);
+  for (int k = 0; k < nmod; ++k)
+    vec = vec && aligned16(mods[k].shift) && aligned16(mods[k].scale) && aligned16(ys[k]) &&
+          mods[k].shift_stride % VEC == 0 && mods[k].scale_stride % VEC == 0;
+  const Geo geo = geometry(s.D);
+  const dim3 grid(unsigned(ceil_div(R, geo.rpb)));
+  auto st = static_cast<cudaStream_t>(stream);
+  with_type(tx, [&](auto txt) {
+    with_type(tm, [&](auto tmt) {
+      using TX = typename decltype(txt)::type;
+      using TM = typename decltype(tmt)::type;
+      const ModT<TM> m0{static_cast<const TM*>(mods[0].shift), static_cast<const TM*>(mods[0].scale),
+                        mods[0].shift_stride, mods[0].scale_stride};
+      const ModT<TM> m1 = nmod == 2 ? ModT<TM>{static_cast<const TM*>(mods[1].shift),
+                                                static_cast<const TM*>(mods[1].scale), mods[1].shift_stride,
+                                                mods[1].scale_stride}
+                                     : m0;
+      TM* y0 = static_cast<TM*>(ys[0]);
+      TM* y1 = nmod == 2 ? static_cast<TM*>(ys[1]) : y0;
+      const TX* xp = static_cast<const TX*>(x);
+#define DUMO_LN_FWD(V, K) \
+  ln_mod_fwd_kernel<TX, TM, V, K><<<grid, geo.block, 0, st>>>(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps)
+      if (nmod == 2) {
+        if (vec) DUMO_LN_FWD(true, 2); else DUMO_LN_FWD(false, 2);
+      } else {
+        if (vec) DUMO_LN_FWD(true, 1); else DUMO_LN_FWD(false, 1);
+      }
+#undef DUMO_LN_FWD
+    });
+  });
+  return finish();
+}
+
+int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const float* rstd, const void* scale,
+                    int64_t scale_stride, const void* shift_dot, int64_t shift_dot_stride, const void* scale_dot,
+                    int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm,
+                    void* stream) {
+  const int64_t R = s.N * s.T;
+  if (R == 0) return 0;
+  const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(x_dot) && aligned16(scale) && aligned16(shift_dot) &&
+                   aligned16(scale_dot) && aligned16(y_dot) && scale_stride % VEC == 0 &&
+                   shift_dot_stride % VEC == 0 && scale_dot_stride % VEC == 0;
+  const Geo geo = geometry(s.D);
+  const dim3 grid(unsigned(ceil_div(R, geo.rpb)));
+  auto st = static_cast<cudaStream_t>(stream);
+  with_type(tx, [&](auto txt) {
+    with_type(tm, [&](auto tmt) {
+      using TX = typename decltype(txt)::type;
+      using TM = typename decltype(tmt)::type;
+      auto launch = [&](auto tyt) {
+        using TY = typename decltype(tyt)::type;
+#define DUMO_LN_JVP(V)                                                                                            \
+  ln_mod_jvp_kernel<TX, TM, TY, V><<<grid, geo.block, 0, st>>>(                                                  \
+      static_cast<const TX*>(x), x_dot, mean, rstd, static_cast<const TM*>(scale), scale_stride,                  \
+      static_cast<const TM*>(shift_dot), shift_dot_stride, static_cast<const TM*>(scale_dot), scale_dot_stride,  \
+      static_cast<TY*>(y_dot), R, s.T, int(s.D))
+        if (vec) DUMO_LN_JVP(true); else DUMO_LN_JVP(false);
+#undef DUMO_LN_JVP
+      };
+      if (y_dot_f32) launch(Tag<float>{}); else launch(Tag<TM>{});
+    });
+  });
+  return finish();
+}
+
+int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, const float* rstd,
+                    const void* const* scales, const int64_t* scale_strides, int nmod, void* gx,
+                    void* const* gshifts, void* const* gscales, float* partial, Shape s, DType tx, DType tm,
+                    void* stream) {
+  const int64_t R = s.N * s.T;
+  if (R == 0) return 0;
+  bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(gx);
+  for (int k = 0; k < nmod; ++k)
+    vec = vec && aligned16(gys[k]) && aligned16(scales[k]) && scale_strides[k] % VEC == 0;
+  const Geo geo = geometry(s.D);
+  const int64_t n_tiles = ceil_div(s.T, kBwdTileRows);
+  const dim3 grid(unsigned(n_tiles), unsigned(s.N));
+  const size_t smem = size_t(geo.block.x) * geo.block.y * VEC * sizeof(float);
+  auto st = static_cast<cudaStream_t>(stream);
+  with_type(tx, [&](auto txt) {
+    with_type(tm, [&](auto tmt) {
+      using TX = typename decltype(txt)::type;
+      using TM = typename decltype(tmt)::type;
+      const TM* g0 = static_cast<const TM*>(gys[0]);
+      const TM* g1 = nmod == 2 ? static_cast<const TM*>(gys[1]) : g0;
+      const TM* c0 = static_cast<const TM*>(scales[0]);
+      const TM* c1 = nmod == 2 ? static_cast<const TM*>(scales[1]) : c0;
+      const int64_t s1 = nmod == 2 ? scale_strides[1] : scale_strides[0];
+#define DUMO_LN_BWD(V, K)                                                                                 \
+  ln_mod_bwd_kernel<TX, TM, V, K><<<grid, geo.block, smem, st>>>(g0, g1, static_cast<const TX*>(x), mean, \
+                                                                 rstd, c0, scale_strides[0], c1, s1,       \
+                                                                 static_cast<TX*>(gx), partial, s.N, s.T, int(s.D))
+      if (nmod == 2) {
+        if (vec) DUMO_LN_BWD(true, 2); else DUMO_LN_BWD(false, 2);
+      } else {
+        if (vec) DUMO_LN_BWD(true, 1); else DUMO_LN_BWD(false, 1);
+      }
+#undef DUMO_LN_BWD
+      OutPtrs outs{};
+      for (int k = 0; k < nmod; ++k) outs.p[k] = gshifts[k], outs.p[nmod + k] = gscales[k];
+      const int64_t total = 2 * nmod * s.N * s.D;
+      colsum_kernel<TM><<<unsigned(ceil_div(total, 256)), 256, 0, st>>>(partial, outs, 2 * nmod, s.N, n_tiles,
+                                                                       int(s.D));
+    });
+  });
+  return finish();
+}
+
+int gated_fwd_cuda(const void* x, const void* g, int64_t g_stride, const void* h, void* out, Shape s, DType tx,
+                   DType tm, void* stream) {
+  const int64_t total = s.N * s.T * s.D;
+  if (total == 0) return 0;
+  const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(g) && aligned16(h) && aligned16(out) &&
+                   g_stride % VEC == 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  with_type(tx, [&](auto txt) {
+    with_type(tm, [&](auto tmt) {
+      using TX = typename decltype(txt)::type;
+      using TM = typename decltype(tmt)::type;
+      auto xp = static_cast<const TX*>(x);
+      auto gp = static_cast<const TM*>(g);
+      auto hp = static_cast<const TM*>(h);
+      auto op = static_cast<TX*>(out);
+      if (vec)
+        gated_fwd_kernel<TX, TM, true><<<flat_grid(total, VEC), 256, 0, st>>>(xp, gp, g_stride, hp, op, total,
+                                                                             s.T * s.D, int(s.D));
+      else
+        gated_fwd_kernel<TX, TM, false><<<flat_grid(total, 1), 256, 0, st>>>(xp, gp, g_stride, hp, op, total,
+                                                                            s.T * s.D, int(s.D));
+    });
+  });
+  return finish();
+}
+
+int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const void* g_dot, int64_t g_dot_stride,
+                   const void* h, const void* h_dot, float* out_dot, Shape s, DType tm, void* stream) {
+  const int64_t total = s.N * s.T * s.D;
+  if (total == 0) return 0;
+  const bool vec = s.D % VEC == 0 && aligned16(x_dot) && aligned16(g) && aligned16(g_dot) && aligned16(h) &&
+                   aligned16(h_dot) && aligned16(out_dot) && g_stride % VEC == 0 && g_dot_stride % VEC == 0;
+  auto st = static_cast<cudaStream_t>(stream);
+  with_type(tm, [&](auto tmt) {
+    using TM = typename decltype(tmt)::type;
+    auto gp = static_cast<const TM*>(g);
+    auto gdp = static_cast<const TM*>(g_dot);
+    auto hp = static_cast<const TM*>(h);
+    auto hdp = static_cast<const TM*>(h_dot);
+    if (vec)
+      gated_jvp_kernel<TM, true><<<flat_grid(total, VEC), 256, 0, st>>>(x_dot, gp, g_stride, gdp, g_dot_stride, hp,
+                                                                        hdp, out_dot, total, s.T * s.D, int(s.D));
+    else
+      gated_jvp_kernel<TM, false><<<flat_grid(total, 1), 256, 0, st>>>(x_dot, gp, g_stride, gdp, g_dot_stride, hp,
+                                                                       hdp, out_dot, total, s.T * s.D, int(s.D));
+  });
+  return finish();
+}
+
+int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, void* gg,
+                   float* partial, Shape s, DType tx, DType tm, void* stream) {
+  if (s.N * s.T * s.D == 0) return 0;
+  const bool vec = s.D % VEC == 0 && aligned16(gout) && aligned16(g) && aligned16(h) && aligned16(gh) &&
+                   g_stride % VEC == 0;
+  const Geo geo = geometry(s.D);
+  const int64_t n_tiles = ceil_div(s.T, kBwdTileRows);
+  const dim3 grid(unsigned(n_tiles), unsigned(s.N));
+  const size_t smem = size_t(geo.block.x) * geo.block.y * VEC * sizeof(float);
+  auto st = static_cast<cudaStream_t>(stream);
+  with_type(tx, [&](auto txt) {
+    with_type(tm, [&](auto tmt) {
+      using TX = typename decltype(txt)::type;
+      using TM = typename decltype(tmt)::type;
+      auto gop = static_cast<const TX*>(gout);
+      auto gp = static_cast<const TM*>(g);
+      auto hp = static_cast<const TM*>(h);
+      auto ghp = static_cast<TM*>(gh);
+      if (vec)
+        gated_bwd_kernel<TX, TM, true><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N, s.T,
+                                                                      int(s.D));
+      else
+        gated_bwd_kernel<TX, TM, false><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N,
+                                                                       s.T, int(s.D));
+      OutPtrs outs{};
+      outs.p[0] = gg;
+      colsum_kernel<TM><<<unsigned(ceil_div(s.N * s.D, 256)), 256, 0, st>>>(partial, outs, 1, s.N, n_tiles,
+                                                                           int(s.D));
+    });
+  });
+  return finish();
+}
+
+}  // namespace dumo

@@ -1,0 +1,296 @@
+"""Row-wise ops (dumo_engine/ops/rowwise.py): the C++ CPU twins here, and on a GPU the CUDA kernels and the Triton
+kernels through the same dispatcher, against the PyTorch reference (ops/rowwise_ref.py, and torch.func / autograd
+of the plain model expression for gradients and tangents).
+
+Tolerances: float32 tight; bfloat16/float16 by the "at most 2x PyTorch's own error" rule, where PyTorch's own
+error is that of the plain expression evaluated in the same storage dtype (outputs rounded to the op's dtype),
+both measured against float64 math on the same rounded inputs.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dumo_engine.ops import rowwise as rw
+from dumo_engine.ops import rowwise_ref as ref
+
+HAS_EXT = rw.extension() is not None
+HAS_CUDA = torch.cuda.is_available()
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension not built: {rw.extension_error()}")
+
+CASES = [("cpp", "cpu")]
+if HAS_CUDA:
+    CASES += [pytest.param("cuda", "cuda", marks=pytest.mark.gpu), pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
+
+SHAPES = [(2, 16, 768), (3, 5, 37)]  # a real DiT-B hidden size, and an odd one (scalar path)
+DTYPES = [  # (residual dtype, modulation/branch dtype)
+    (torch.float32, torch.float32),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.float16, torch.float16),
+    (torch.float32, torch.bfloat16),  # residual stream fp32 under bf16 autocast
+]
+
+
+def _skip_unavailable(impl):
+    if impl in ("cpp", "cuda") and not HAS_EXT:
+        pytest.skip(f"C++ extension not built: {rw.extension_error()}")
+    if impl == "cuda" and not rw.extension().with_cuda():
+        pytest.skip("dumo_engine._C built without CUDA")
+    if impl == "triton":
+        try:
+            rw.implementation(torch.empty(1, device="cuda"), "triton")
+        except RuntimeError as e:
+            pytest.skip(str(e))
+
+
+def rnd(*shape, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+
+def inputs(shape, tx, tm, device, seed=0):
+    """x (N,T,D) in tx; adaLN-like (N, 6D) in tm, chunked into row-strided views; branch tensors in tm; fp32 tangents."""
+    N, T, D = shape
+    x = rnd(N, T, D, dtype=tx, device=device, seed=seed) * 2 + 0.5
+    ada = rnd(N, 6 * D, dtype=tm, device=device, seed=seed + 1) * 0.5
+    ada_dot = rnd(N, 6 * D, dtype=tm, device=device, seed=seed + 2)
+    h = rnd(N, T, D, dtype=tm, device=device, seed=seed + 3)
+    h_dot = rnd(N, T, D, dtype=tm, device=device, seed=seed + 4)
+    x_dot = rnd(N, T, D, device=device, seed=seed + 5)
+    gy = rnd(N, T, D, dtype=tm, device=device, seed=seed + 6)
+    gy2 = rnd(N, T, D, dtype=tm, device=device, seed=seed + 7)
+    return dict(x=x, mods=ada.chunk(6, dim=1), mods_dot=ada_dot.chunk(6, dim=1), h=h, h_dot=h_dot, x_dot=x_dot,
+                gy=gy, gy2=gy2)
+
+
+def rel(a, b):
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def check(name, got, truth, pt, dtype):
+    """fp32: tight; half precision: error vs float64 at most 2x PyTorch's own error in that dtype (+ a floor)."""
+    assert got.dtype == pt.dtype or dtype == torch.float32, f"{name}: dtype {got.dtype}, PyTorch gives {pt.dtype}"
+    err = rel(got, truth)
+    if dtype == torch.float32:
+        assert err < 2e-5, f"{name}: fp32 rel err {err:.3g}"
+    else:
+        pt_err = rel(pt, truth)
+        assert err <= 2 * pt_err + 1e-4, f"{name} {dtype}: err {err:.3g} > 2x PyTorch's {pt_err:.3g}"
+
+
+# plain model expressions (what the engine computed before these ops), evaluated in any dtype
+def ln_mod_expr(x, shift, scale, eps=1e-6):
+    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def gated_expr(x, g, h):
+    return x + g.unsqueeze(1) * h
+
+
+def d64(*ts):
+    return [t.detach().double() for t in ts]
+
+
+# ---------------------------------------------------------------------------------------------------
+# LayerNorm + modulate: forward, JVP, backward
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl,device", CASES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tx,tm", DTYPES)
+def test_ln_mod_forward_jvp_backward(impl, device, shape, tx, tm):
+    _skip_unavailable(impl)
+    d = inputs(shape, tx, tm, device)
+    x, (shift, scale) = d["x"], d["mods"][:2]
+    shift_dot, scale_dot = d["mods_dot"][0], d["mods_dot"][1]
+    xg, shg, scg = (t.detach().clone().requires_grad_(True) for t in (x, shift, scale))
+    y, mean, rstd = rw.layernorm_modulate(xg, shg, scg, impl=impl)
+    assert rw.last_impl()["ln_mod_fwd"] == impl
+    assert y.dtype == tm and mean.dtype == rstd.dtype == torch.float32 and mean.shape == shape[:2]
+
+    x64, sh64, sc64 = (t.requires_grad_(True) for t in d64(x, shift, scale))
+    y64 = ln_mod_expr(x64, sh64, sc64)
+    y_pt = ln_mod_expr(x, shift, scale).to(tm)
+    check("y", y, y64, y_pt, tm)
+    m64, r64 = ref.ln_mod_fwd(*d64(x, shift, scale))[1:]
+    assert rel(mean, m64) < 1e-5 and rel(rstd, r64) < 1e-5
+
+    # JVP along (x_dot, shift_dot, scale_dot), in float32 and in the modulation dtype
+    tan = (d["x_dot"], shift_dot, scale_dot)
+    _, yd64 = torch.func.jvp(ln_mod_expr, tuple(d64(x, shift, scale)), tuple(d64(*tan)))
+    with torch.no_grad():
+        _, yd_pt = torch.func.jvp(ln_mod_expr, (x, shift, scale), (d["x_dot"].to(tx), shift_dot, scale_dot))
+    for out_dtype in (torch.float32, tm):
+        yd = rw.layernorm_modulate_jvp(x, d["x_dot"], mean.detach(), rstd.detach(), scale, shift_dot, scale_dot,
+                                       out_dtype, impl=impl)
+        assert rw.last_impl()["ln_mod_jvp"] == impl and yd.dtype == out_dtype
+        check(f"y_dot[{out_dtype}]", yd, yd64, yd_pt.to(out_dtype), tm)
+
+    # backward: gradients of x, shift and scale
+    gy = d["gy"]
+    gx, gsh, gsc = torch.autograd.grad(y, (xg, shg, scg), gy)
+    g64 = torch.autograd.grad(y64, (x64, sh64, sc64), gy.double())
+    xp, shp, scp = (t.detach().clone().requires_grad_(True) for t in (x, shift, scale))
+    g_pt = torch.autograd.grad(ln_mod_expr(xp, shp, scp), (xp, shp, scp), gy.to(torch.promote_types(tx, tm)))
+    for name, got, truth, pt in zip(("gx", "gshift", "gscale"), (gx, gsh, gsc), g64, g_pt):
+        assert got.dtype == (tx if name == "gx" else tm)
+        check(name, got, truth, pt.to(got.dtype), tm)
+
+
+@pytest.mark.parametrize("impl,device", CASES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tx,tm", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                   (torch.bfloat16, torch.bfloat16)])
+def test_dual_final_layer(impl, device, shape, tx, tm):
+    """One normalisation, two modulations (v and u); gradients from both heads, from u alone; u tangent only."""
+    _skip_unavailable(impl)
+    d = inputs(shape, tx, tm, device, seed=3)
+    x = d["x"]
+    sv, cv, su, cu = d["mods"][:4]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, sv, cv, su, cu)]
+    y_v, y_u, mean, rstd = rw.dual_layernorm_modulate(*leaves, impl=impl)
+    assert rw.last_impl()["ln_dual_fwd"] == impl
+    l64 = [t.requires_grad_(True) for t in d64(x, sv, cv, su, cu)]
+    yv64, yu64 = ln_mod_expr(l64[0], l64[1], l64[2]), ln_mod_expr(l64[0], l64[3], l64[4])
+    check("y_v", y_v, yv64, ln_mod_expr(x, sv, cv).to(tm), tm)
+    check("y_u", y_u, yu64, ln_mod_expr(x, su, cu).to(tm), tm)
+
+    grads = torch.autograd.grad((y_v, y_u), leaves, (d["gy"], d["gy2"]), retain_graph=True)
+    g64 = torch.autograd.grad((yv64, yu64), l64, (d["gy"].double(), d["gy2"].double()), retain_graph=True)
+    lp = [t.detach().clone().requires_grad_(True) for t in (x, sv, cv, su, cu)]
+    gt = d["gy"].to(torch.promote_types(tx, tm)), d["gy2"].to(torch.promote_types(tx, tm))
+    g_pt = torch.autograd.grad((ln_mod_expr(lp[0], lp[1], lp[2]), ln_mod_expr(lp[0], lp[3], lp[4])), lp, gt)
+    for name, got, truth, pt in zip(("gx", "gshift_v", "gscale_v", "gshift_u", "gscale_u"), grads, g64, g_pt):
+        check(name, got, truth, pt.to(got.dtype), tm)
+
+    # only the u head in the loss: v's modulation gets no gradient, x's equals the single-modulation one
+    gx_u, gsv, gsu = torch.autograd.grad(y_u, (leaves[0], leaves[1], leaves[3]), d["gy2"], allow_unused=True)
+    assert gsv is None
+    gx_u64 = torch.autograd.grad(yu64, l64[0], d["gy2"].double())[0]
+    check("gx (u only)", gx_u, gx_u64, torch.autograd.grad(ln_mod_expr(lp[0], lp[3], lp[4]), lp[0], gt[1])[0].to(tx), tm)
+
+
+# ---------------------------------------------------------------------------------------------------
+# gated residual: forward, JVP, backward
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("impl,device", CASES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("tx,tm", DTYPES)
+def test_gated_residual(impl, device, shape, tx, tm):
+    _skip_unavailable(impl)
+    d = inputs(shape, tx, tm, device, seed=7)
+    x, g, g_dot, h, h_dot = d["x"], d["mods"][2], d["mods_dot"][2], d["h"], d["h_dot"]
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, g, h)]
+    out = rw.gated_residual(*leaves, impl=impl)
+    assert rw.last_impl()["gated_fwd"] == impl and out.dtype == tx
+    l64 = [t.requires_grad_(True) for t in d64(x, g, h)]
+    o64 = gated_expr(*l64)
+    check("out", out, o64, gated_expr(x, g, h).to(tx), tm)
+
+    od = rw.gated_residual_jvp(d["x_dot"], g, g_dot, h, h_dot, impl=impl)
+    assert rw.last_impl()["gated_jvp"] == impl and od.dtype == torch.float32
+    _, od64 = torch.func.jvp(gated_expr, tuple(d64(x, g, h)), tuple(d64(d["x_dot"], g_dot, h_dot)))
+    _, od_pt = torch.func.jvp(gated_expr, (d["x_dot"], g, h), (d["x_dot"], g_dot, h_dot))  # fp32 stream, tm branch
+    check("out_dot", od, od64, od_pt.float(), tm)
+
+    gout = rnd(*shape, dtype=tx, device=device, seed=11)
+    grads = torch.autograd.grad(out, leaves, gout)
+    g64 = torch.autograd.grad(o64, l64, gout.double())
+    lp = [t.detach().clone().requires_grad_(True) for t in (x, g, h)]
+    g_pt = torch.autograd.grad(gated_expr(*lp), lp, gout.to(torch.promote_types(tx, tm)))
+    for name, got, truth, pt in zip(("gx", "gg", "gh"), grads, g64, g_pt):
+        check(name, got, truth, pt.to(got.dtype), tm)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad inputs: errors that name the problem (the C++ glue checks every input)
+# ---------------------------------------------------------------------------------------------------
+@needs_ext
+def test_bad_inputs_raise_named_errors():
+    C = rw.extension()
+    N, T, D = 2, 4, 16
+    x = rnd(N, T, D)
+    sh, sc = rnd(N, D, seed=1), rnd(N, D, seed=2)
+    with pytest.raises(TypeError, match=r"x has dtype Double"):
+        C.ln_mod_fwd(x.double(), [sh], [sc], 1e-6)
+    with pytest.raises(TypeError, match=r"scale.*must be"):
+        C.ln_mod_fwd(x, [sh], [sc.half()], 1e-6)
+    with pytest.raises(ValueError, match=r"shift must have shape \(N, D\) = \(2, 16\)"):
+        C.ln_mod_fwd(x, [rnd(N, D + 1)], [sc], 1e-6)
+    with pytest.raises(ValueError, match=r"x must be contiguous"):
+        C.ln_mod_fwd(x.transpose(0, 1), [sh], [sc], 1e-6)
+    with pytest.raises(ValueError, match=r"x must be \(N, T, D\)"):
+        C.ln_mod_fwd(x.reshape(N * T, D), [sh], [sc], 1e-6)
+    with pytest.raises(ValueError, match=r"contiguous last dimension"):
+        C.ln_mod_fwd(x, [rnd(D, N).t()], [sc], 1e-6)
+    with pytest.raises(ValueError, match=r"one or two \(shift, scale\) pairs"):
+        C.ln_mod_fwd(x, [sh, sh, sh], [sc, sc, sc], 1e-6)
+    with pytest.raises(RuntimeError, match=r"shift is on meta but x is on cpu"):
+        C.ln_mod_fwd(x, [sh.to("meta")], [sc], 1e-6)
+    with pytest.raises(RuntimeError, match=r"unsupported device meta"):
+        C.gated_fwd(x.to("meta"), sh.to("meta"), x.to("meta"))
+    y, mean, rstd = C.ln_mod_fwd(x, [sh], [sc], 1e-6)
+    with pytest.raises(TypeError, match=r"x_dot .* must be Float \(the tangent stream is float32\)"):
+        C.ln_mod_jvp(x, x.half(), mean, rstd, sc, sh, sc, True)
+    with pytest.raises(ValueError, match=r"mean must be a contiguous \(N, T\) = \(2, 4\)"):
+        C.ln_mod_jvp(x, x, mean[:, :2], rstd, sc, sh, sc, True)
+    with pytest.raises(ValueError, match=r"x_dot has shape \[2, 4, 8\] but x has shape \[2, 4, 16\]"):
+        C.ln_mod_jvp(x, x[..., :8].contiguous(), mean, rstd, sc, sh, sc, True)
+    with pytest.raises(ValueError, match=r"gy must be contiguous"):
+        C.ln_mod_bwd([rnd(T, N, D).transpose(0, 1)], x, mean, rstd, [sc])
+    with pytest.raises(TypeError, match=r"h has dtype BFloat16 but must be Float"):
+        C.gated_fwd(x, sh, x.bfloat16())
+    with pytest.raises(ValueError, match=r"g must have shape \(N, D\)"):
+        C.gated_jvp(x, rnd(N + 1, D), sh, x, x)
+
+
+def test_extension_is_built():
+    """`pip install -e .` builds dumo_engine._C (CPU twins at least): its absence must not turn into silent skips."""
+    if os.environ.get("DUMO_BUILD_EXT") == "0":
+        pytest.skip("DUMO_BUILD_EXT=0: the extension was skipped on purpose")
+    assert HAS_EXT, rw.extension_error()
+    if HAS_CUDA:
+        assert rw.extension().with_cuda(), "CUDA machine, but dumo_engine._C was built without its CUDA kernels"
+
+
+def test_forced_unavailable_impl_says_why():
+    with pytest.raises(ValueError, match="row-wise impl must be one of"):
+        rw.implementation(torch.zeros(1), "nope")
+    with pytest.raises(RuntimeError, match="'cuda' needs CUDA tensors"):
+        rw.implementation(torch.zeros(1), "cuda")
+
+
+def test_float64_falls_back_to_reference_with_one_warning():
+    """float64 (used by finite-difference checks) is outside the kernels: the PyTorch reference runs and says so."""
+    x, sh, sc = rnd(2, 3, 8).double(), rnd(2, 8).double(), rnd(2, 8).double()
+    rw._warned.discard("ln_mod_fwd:dtype torch.float64 (kernels take float32, bfloat16, float16)")
+    if os.environ.get("DUMO_ROWWISE_IMPL", "auto") != "auto":
+        pytest.skip("an impl is forced by the environment")
+    if not HAS_EXT:
+        pytest.skip("no extension: the reference runs anyway")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y, _, _ = rw.layernorm_modulate(x, sh, sc)
+        rw.layernorm_modulate(x, sh, sc)
+    assert rw.last_impl()["ln_mod_fwd"] == "torch" and y.dtype == torch.float64
+    assert sum("float64" in str(m.message) for m in w) == 1
+    assert rel(y, ln_mod_expr(x, sh, sc)) < 1e-12
+
+
+@needs_ext
+def test_cpp_backward_is_deterministic():
+    """Column sums go through fixed-order tile partials: two runs give bit-identical gradients."""
+    d = inputs((3, 70, 48), torch.float32, torch.float32, "cpu", seed=5)
+    sh, sc = d["mods"][0], d["mods"][1]
+    outs = []
+    for _ in range(2):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (d["x"], sh, sc)]
+        y = rw.layernorm_modulate(*leaves, impl="cpp")[0]
+        outs.append(torch.autograd.grad(y, leaves, d["gy"]))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
