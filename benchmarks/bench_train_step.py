@@ -114,6 +114,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=0, help="micro-batch; 0: largest that fits (CUDA) / 32 (CPU)")
     p.add_argument("--cfg", action="store_true", help="fold CFG into training (2 extra no-grad passes)")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--kinds", default=None, help="comma-separated subset of the variants (default: all)")
+    p.add_argument("--no-own-batch", action="store_true", help="CUDA: skip the fused step at its own largest batch")
     p.add_argument("--out", default=None, help="append rows as JSONL here")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -138,6 +140,8 @@ def main() -> None:
         kinds = ["flow_matching", "dumo_reference", "dumo_fused", "dumo_fused_torch_rowwise", "dumo_fused_stacked"]
         if device.type == "cuda":
             kinds.append("dumo_fused_torch_attn")
+        if args.kinds:
+            kinds = [k for k in kinds if k in args.kinds.split(",")]
         for kind in kinds:
             os.environ["DUMO_FUSED_ATTN"] = "torch" if kind == "dumo_fused_torch_attn" else "triton"
             os.environ["DUMO_STACKED_LINEAR"] = "1" if kind == "dumo_fused_stacked" else "0"
@@ -157,7 +161,7 @@ def main() -> None:
                       ref_ms=ref_ms if kind.startswith("dumo_fused") else None, extra=extra)
             rows.append(row)
             emit([row], out=args.out, device=dev_label, command=command)  # each row lands as soon as it is measured
-        if device.type == "cuda" and not args.batch:  # the fused step at its own largest batch (the img/s target)
+        if device.type == "cuda" and not args.batch and not args.no_own_batch:  # the fused step at its own largest batch (the img/s target)
             os.environ["DUMO_FUSED_ATTN"], os.environ["DUMO_STACKED_LINEAR"] = "triton", "0"
             os.environ["DUMO_FUSED_ROWWISE"] = "1"
             own = largest_batch(name, "dumo_fused", device, args.cfg, input_size, channels, [256, 128])

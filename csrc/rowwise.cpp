@@ -56,9 +56,12 @@ Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
   TORCH_CHECK(x.is_cpu() || x.is_cuda(), "dumo_engine._C.", op, ": unsupported device ", x.device());
   const Shape s{x.size(0), x.size(1), x.size(2)};
   TORCH_CHECK_VALUE(s.D > 0, "dumo_engine._C.", op, ": hidden size D must be positive");
-  if (x.is_cuda())
+  if (x.is_cuda()) {
     TORCH_CHECK_VALUE(s.D <= kMaxHidden, "dumo_engine._C.", op, ": hidden size ", s.D, " exceeds the CUDA kernels' ",
                       kMaxHidden);
+    TORCH_CHECK_VALUE(s.T <= int64_t(65535) * kBwdTileRows, "dumo_engine._C.", op, ": ", s.T,
+                      " rows per sample exceed the CUDA backward grid (", int64_t(65535) * kBwdTileRows, ")");
+  }
   return s;
 }
 

@@ -235,7 +235,7 @@ __global__ void __launch_bounds__(512) ln_mod_jvp_kernel(
 //   g = sum_k gy_k (1 + scale_k)
 //   gx = rstd (g - sum_D(g) / D - n sum_D(g n) / D)
 //   gshift_k = sum_t gy_k,  gscale_k = sum_t gy_k n            (column sums over the T rows of a sample)
-// Grid (tiles of kBwdTileRows rows, N); partial[(a, n, tile, d)], a = shift_0.., scale_0..
+// Grid (N, tiles of kBwdTileRows rows); partial[(a, n, tile, d)], a = shift_0.., scale_0..
 // ---------------------------------------------------------------------------------------------------------------
 template <bool V, int A>
 __device__ __forceinline__ void write_partials(const float (&acc)[A][VEC], const Cols<V>& c, float* red,
@@ -270,7 +270,7 @@ __global__ void __launch_bounds__(512) ln_mod_bwd_kernel(const TM* __restrict__ 
                                                           int64_t N, int64_t T, int D) {
   __shared__ float sh[64];
   extern __shared__ float red[];
-  const int64_t n = blockIdx.y, tile = blockIdx.x, n_tiles = gridDim.x;
+  const int64_t n = blockIdx.x, tile = blockIdx.y, n_tiles = gridDim.y;  // N on x: no 65535 limit
   const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
   float onep[NMOD][VEC];
   load_cols<V>(sc0 + n * s0, c, onep[0]);
@@ -407,7 +407,7 @@ __global__ void __launch_bounds__(512) gated_bwd_kernel(const TX* __restrict__ g
                                                          int64_t gs, const TM* __restrict__ h, TM* __restrict__ gh,
                                                          float* __restrict__ partial, int64_t N, int64_t T, int D) {
   extern __shared__ float red[];
-  const int64_t n = blockIdx.y, tile = blockIdx.x, n_tiles = gridDim.x;
+  const int64_t n = blockIdx.x, tile = blockIdx.y, n_tiles = gridDim.y;  // N on x: no 65535 limit
   const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
   float gv[VEC], acc[1][VEC];
   load_cols<V>(g + n * gs, c, gv);
@@ -554,7 +554,7 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
     vec = vec && aligned16(gys[k]) && aligned16(scales[k]) && scale_strides[k] % VEC == 0;
   const Geo geo = geometry(s.D);
   const int64_t n_tiles = ceil_div(s.T, kBwdTileRows);
-  const dim3 grid(unsigned(n_tiles), unsigned(s.N));
+  const dim3 grid(unsigned(s.N), unsigned(n_tiles));
   const size_t smem = size_t(geo.block.x) * geo.block.y * VEC * sizeof(float);
   auto st = static_cast<cudaStream_t>(stream);
   with_type(tx, [&](auto txt) {
@@ -642,7 +642,7 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
                    g_stride % VEC == 0;
   const Geo geo = geometry(s.D);
   const int64_t n_tiles = ceil_div(s.T, kBwdTileRows);
-  const dim3 grid(unsigned(n_tiles), unsigned(s.N));
+  const dim3 grid(unsigned(s.N), unsigned(n_tiles));
   const size_t smem = size_t(geo.block.x) * geo.block.y * VEC * sizeof(float);
   auto st = static_cast<cudaStream_t>(stream);
   with_type(tx, [&](auto txt) {
