@@ -13,6 +13,11 @@
 
 #include "rowwise.h"
 
+// Value problems (shapes, layout, counts) raise RuntimeError through TORCH_CHECK, not ValueError through
+// TORCH_CHECK_VALUE: on the GPU image (torch 2.11) a c10::ValueError thrown from this extension crashed the
+// process (seen 2026-11-27 on an H200), while c10::Error and c10::TypeError translate correctly on 2.11 and 2.13.
+#define DUMO_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+
 namespace dumo {
 namespace {
 
@@ -29,7 +34,7 @@ DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_defined(const at::Tensor& t, const char* op, const char* name) {
-  TORCH_CHECK_VALUE(t.defined(), "dumo_engine._C.", op, ": ", name, " is undefined (None)");
+  DUMO_CHECK_VALUE(t.defined(), "dumo_engine._C.", op, ": ", name, " is undefined (None)");
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
@@ -41,27 +46,30 @@ void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op,
 void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   check_defined(t, op, name);
   check_same_device(t, x, op, name);
-  TORCH_CHECK_VALUE(t.sizes() == x.sizes(), "dumo_engine._C.", op, ": ", name, " has shape ", t.sizes(),
+  DUMO_CHECK_VALUE(t.sizes() == x.sizes(), "dumo_engine._C.", op, ": ", name, " has shape ", t.sizes(),
                     " but x has shape ", x.sizes());
-  TORCH_CHECK_VALUE(t.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
+  DUMO_CHECK_VALUE(t.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
                     t.strides(), "); call .contiguous() first");
+}
+
+void check_bwd_grid(const at::Tensor& x, Shape s, const char* op) {
+  if (x.is_cuda())
+    DUMO_CHECK_VALUE(s.T <= int64_t(65535) * kBwdTileRows, "dumo_engine._C.", op, ": ", s.T,
+                     " rows per sample exceed the CUDA backward grid (", int64_t(65535) * kBwdTileRows, ")");
 }
 
 Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
   check_defined(x, op, name);
-  TORCH_CHECK_VALUE(x.dim() == 3, "dumo_engine._C.", op, ": ", name, " must be (N, T, D), got ", x.dim(),
+  DUMO_CHECK_VALUE(x.dim() == 3, "dumo_engine._C.", op, ": ", name, " must be (N, T, D), got ", x.dim(),
                     " dims with shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
+  DUMO_CHECK_VALUE(x.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
                     x.strides(), "); call .contiguous() first");
   TORCH_CHECK(x.is_cpu() || x.is_cuda(), "dumo_engine._C.", op, ": unsupported device ", x.device());
   const Shape s{x.size(0), x.size(1), x.size(2)};
-  TORCH_CHECK_VALUE(s.D > 0, "dumo_engine._C.", op, ": hidden size D must be positive");
-  if (x.is_cuda()) {
-    TORCH_CHECK_VALUE(s.D <= kMaxHidden, "dumo_engine._C.", op, ": hidden size ", s.D, " exceeds the CUDA kernels' ",
-                      kMaxHidden);
-    TORCH_CHECK_VALUE(s.T <= int64_t(65535) * kBwdTileRows, "dumo_engine._C.", op, ": ", s.T,
-                      " rows per sample exceed the CUDA backward grid (", int64_t(65535) * kBwdTileRows, ")");
-  }
+  DUMO_CHECK_VALUE(s.D > 0, "dumo_engine._C.", op, ": hidden size D must be positive");
+  if (x.is_cuda())
+    DUMO_CHECK_VALUE(s.D <= kMaxHidden, "dumo_engine._C.", op, ": hidden size ", s.D, " exceeds the CUDA kernels' ",
+                     kMaxHidden);
   return s;
 }
 
@@ -69,9 +77,9 @@ Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
 void check_vec(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name) {
   check_defined(t, op, name);
   check_same_device(t, x, op, name);
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.D, "dumo_engine._C.", op, ": ", name,
+  DUMO_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.D, "dumo_engine._C.", op, ": ", name,
                     " must have shape (N, D) = (", s.N, ", ", s.D, "), got ", t.sizes());
-  TORCH_CHECK_VALUE(t.stride(1) == 1 || s.D == 1, "dumo_engine._C.", op, ": ", name,
+  DUMO_CHECK_VALUE(t.stride(1) == 1 || s.D == 1, "dumo_engine._C.", op, ": ", name,
                     " must have a contiguous last dimension (stride 1), got strides ", t.strides());
 }
 
@@ -80,7 +88,7 @@ void check_stats(const at::Tensor& t, const at::Tensor& x, Shape s, const char* 
   check_same_device(t, x, op, name);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "dumo_engine._C.", op, ": ", name, " must be float32, got ",
                    t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.T && t.is_contiguous(), "dumo_engine._C.",
+  DUMO_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.T && t.is_contiguous(), "dumo_engine._C.",
                     op, ": ", name, " must be a contiguous (N, T) = (", s.N, ", ", s.T, ") tensor, got shape ",
                     t.sizes(), " strides ", t.strides());
 }
@@ -121,7 +129,7 @@ std::vector<at::Tensor> ln_mod_fwd(const at::Tensor& x, const std::vector<at::Te
   const char* op = "ln_mod_fwd";
   const Shape s = check_x(x, op);
   const int nmod = int(shifts.size());
-  TORCH_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == shifts.size(), "dumo_engine._C.", op,
+  DUMO_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == shifts.size(), "dumo_engine._C.", op,
                     ": needs one or two (shift, scale) pairs, got ", shifts.size(), " shifts and ", scales.size(),
                     " scales");
   const DType tx = dtype_of(x, op, "x");
@@ -192,8 +200,9 @@ std::vector<at::Tensor> ln_mod_bwd(const std::vector<at::Tensor>& gys, const at:
                                    const at::Tensor& rstd, const std::vector<at::Tensor>& scales) {
   const char* op = "ln_mod_bwd";
   const Shape s = check_x(x, op);
+  check_bwd_grid(x, s, op);
   const int nmod = int(gys.size());
-  TORCH_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == gys.size(), "dumo_engine._C.", op,
+  DUMO_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == gys.size(), "dumo_engine._C.", op,
                     ": needs one or two (gy, scale) pairs, got ", gys.size(), " gys and ", scales.size(), " scales");
   check_stats(mean, x, s, op, "mean");
   check_stats(rstd, x, s, op, "rstd");
@@ -288,6 +297,7 @@ at::Tensor gated_jvp(const at::Tensor& x_dot, const at::Tensor& g, const at::Ten
 std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, const at::Tensor& h) {
   const char* op = "gated_bwd";
   const Shape s = check_x(gout, op, "gout");
+  check_bwd_grid(gout, s, op);
   check_vec(g, gout, s, op, "g");
   check_rows(h, gout, op, "h");
   const DType tx = dtype_of(gout, op, "gout");

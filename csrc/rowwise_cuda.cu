@@ -336,7 +336,7 @@ struct OutPtrs {
 };
 
 template <typename TM>
-__global__ void colsum_kernel(const float* __restrict__ partial, OutPtrs outs, int arrays, int64_t N,
+__global__ void colsum_kernel(const float* __restrict__ partial, const __grid_constant__ OutPtrs outs, int arrays, int64_t N,
                               int64_t n_tiles, int D) {
   const int64_t ND = N * D;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -547,8 +547,7 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
                     const void* const* scales, const int64_t* scale_strides, int nmod, void* gx,
                     void* const* gshifts, void* const* gscales, float* partial, Shape s, DType tx, DType tm,
                     void* stream) {
-  const int64_t R = s.N * s.T;
-  if (R == 0) return 0;
+  if (s.N * s.D == 0) return 0;
   bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(gx);
   for (int k = 0; k < nmod; ++k)
     vec = vec && aligned16(gys[k]) && aligned16(scales[k]) && scale_strides[k] % VEC == 0;
@@ -570,7 +569,9 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
   ln_mod_bwd_kernel<TX, TM, V, K><<<grid, geo.block, smem, st>>>(g0, g1, static_cast<const TX*>(x), mean, \
                                                                  rstd, c0, scale_strides[0], c1, s1,       \
                                                                  static_cast<TX*>(gx), partial, s.N, s.T, int(s.D))
-      if (nmod == 2) {
+      if (s.T == 0) {
+        // no rows: gx is empty; the column sums are zeros (colsum over zero tiles below)
+      } else if (nmod == 2) {
         if (vec) DUMO_LN_BWD(true, 2); else DUMO_LN_BWD(false, 2);
       } else {
         if (vec) DUMO_LN_BWD(true, 1); else DUMO_LN_BWD(false, 1);
@@ -637,7 +638,7 @@ int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const vo
 
 int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, void* gg,
                    float* partial, Shape s, DType tx, DType tm, void* stream) {
-  if (s.N * s.T * s.D == 0) return 0;
+  if (s.N * s.D == 0) return 0;
   const bool vec = s.D % VEC == 0 && aligned16(gout) && aligned16(g) && aligned16(h) && aligned16(gh) &&
                    g_stride % VEC == 0;
   const Geo geo = geometry(s.D);
@@ -653,7 +654,9 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
       auto gp = static_cast<const TM*>(g);
       auto hp = static_cast<const TM*>(h);
       auto ghp = static_cast<TM*>(gh);
-      if (vec)
+      if (s.T == 0) {
+        // no rows: gh is empty; gg is zeros (colsum over zero tiles below)
+      } else if (vec)
         gated_bwd_kernel<TX, TM, true><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N, s.T,
                                                                       int(s.D));
       else

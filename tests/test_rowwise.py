@@ -212,6 +212,8 @@ def test_gated_residual(impl, device, shape, tx, tm):
 # ---------------------------------------------------------------------------------------------------
 @needs_ext
 def test_bad_inputs_raise_named_errors():
+    """dtype problems raise TypeError; shape/layout/device problems RuntimeError (TORCH_CHECK: a c10::ValueError
+    from the extension crashed torch 2.11 on the GPU image), each message naming the argument and the problem."""
     C = rw.extension()
     N, T, D = 2, 4, 16
     x = rnd(N, T, D)
@@ -220,15 +222,15 @@ def test_bad_inputs_raise_named_errors():
         C.ln_mod_fwd(x.double(), [sh], [sc], 1e-6)
     with pytest.raises(TypeError, match=r"scale.*must be"):
         C.ln_mod_fwd(x, [sh], [sc.half()], 1e-6)
-    with pytest.raises(ValueError, match=r"shift must have shape \(N, D\) = \(2, 16\)"):
+    with pytest.raises(RuntimeError, match=r"shift must have shape \(N, D\) = \(2, 16\)"):
         C.ln_mod_fwd(x, [rnd(N, D + 1)], [sc], 1e-6)
-    with pytest.raises(ValueError, match=r"x must be contiguous"):
+    with pytest.raises(RuntimeError, match=r"x must be contiguous"):
         C.ln_mod_fwd(x.transpose(0, 1), [sh], [sc], 1e-6)
-    with pytest.raises(ValueError, match=r"x must be \(N, T, D\)"):
+    with pytest.raises(RuntimeError, match=r"x must be \(N, T, D\)"):
         C.ln_mod_fwd(x.reshape(N * T, D), [sh], [sc], 1e-6)
-    with pytest.raises(ValueError, match=r"contiguous last dimension"):
+    with pytest.raises(RuntimeError, match=r"contiguous last dimension"):
         C.ln_mod_fwd(x, [rnd(D, N).t()], [sc], 1e-6)
-    with pytest.raises(ValueError, match=r"one or two \(shift, scale\) pairs"):
+    with pytest.raises(RuntimeError, match=r"one or two \(shift, scale\) pairs"):
         C.ln_mod_fwd(x, [sh, sh, sh], [sc, sc, sc], 1e-6)
     with pytest.raises(RuntimeError, match=r"shift is on meta but x is on cpu"):
         C.ln_mod_fwd(x, [sh.to("meta")], [sc], 1e-6)
@@ -237,15 +239,15 @@ def test_bad_inputs_raise_named_errors():
     y, mean, rstd = C.ln_mod_fwd(x, [sh], [sc], 1e-6)
     with pytest.raises(TypeError, match=r"x_dot .* must be Float \(the tangent stream is float32\)"):
         C.ln_mod_jvp(x, x.half(), mean, rstd, sc, sh, sc, True)
-    with pytest.raises(ValueError, match=r"mean must be a contiguous \(N, T\) = \(2, 4\)"):
+    with pytest.raises(RuntimeError, match=r"mean must be a contiguous \(N, T\) = \(2, 4\)"):
         C.ln_mod_jvp(x, x, mean[:, :2], rstd, sc, sh, sc, True)
-    with pytest.raises(ValueError, match=r"x_dot has shape \[2, 4, 8\] but x has shape \[2, 4, 16\]"):
+    with pytest.raises(RuntimeError, match=r"x_dot has shape \[2, 4, 8\] but x has shape \[2, 4, 16\]"):
         C.ln_mod_jvp(x, x[..., :8].contiguous(), mean, rstd, sc, sh, sc, True)
-    with pytest.raises(ValueError, match=r"gy must be contiguous"):
+    with pytest.raises(RuntimeError, match=r"gy must be contiguous"):
         C.ln_mod_bwd([rnd(T, N, D).transpose(0, 1)], x, mean, rstd, [sc])
     with pytest.raises(TypeError, match=r"h has dtype BFloat16 but must be Float"):
         C.gated_fwd(x, sh, x.bfloat16())
-    with pytest.raises(ValueError, match=r"g must have shape \(N, D\)"):
+    with pytest.raises(RuntimeError, match=r"g must have shape \(N, D\)"):
         C.gated_jvp(x, rnd(N + 1, D), sh, x, x)
 
 
@@ -256,6 +258,22 @@ def test_extension_is_built():
     assert HAS_EXT, rw.extension_error()
     if HAS_CUDA:
         assert rw.extension().with_cuda(), "CUDA machine, but dumo_engine._C was built without its CUDA kernels"
+
+
+@pytest.mark.parametrize("impl,device", CASES)
+def test_samples_without_rows(impl, device):
+    """T = 0: empty outputs, and the per-sample column sums of the backward are zeros (not uninitialised memory)."""
+    _skip_unavailable(impl)
+    N, D = 3, 24
+    x = torch.empty(N, 0, D, device=device)
+    sh, sc, g = (torch.randn(N, D, device=device).requires_grad_(True) for _ in range(3))
+    y, mean, rstd = rw.layernorm_modulate(x, sh, sc, impl=impl)
+    assert y.shape == (N, 0, D) and mean.shape == (N, 0)
+    gsh, gsc = torch.autograd.grad(y, (sh, sc), torch.empty_like(y))
+    out = rw.gated_residual(x, g, torch.empty(N, 0, D, device=device), impl=impl)
+    (gg,) = torch.autograd.grad(out, (g,), torch.empty_like(out))
+    for t in (gsh, gsc, gg):
+        assert t.shape == (N, D) and torch.equal(t, torch.zeros_like(t))
 
 
 def test_forced_unavailable_impl_says_why():
