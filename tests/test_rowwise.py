@@ -26,7 +26,7 @@ CASES = [("cpp", "cpu")]
 if HAS_CUDA:
     CASES += [pytest.param("cuda", "cuda", marks=pytest.mark.gpu), pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
 
-SHAPES = [(2, 16, 768), (3, 5, 37)]  # a real DiT-B hidden size, and an odd one (scalar path)
+SHAPES = [(2, 16, 768), (1, 9, 1152), (3, 5, 37)]  # DiT-B and DiT-XL hidden sizes, and an odd one (scalar path)
 DTYPES = [  # (residual dtype, modulation/branch dtype)
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
@@ -274,6 +274,26 @@ def test_samples_without_rows(impl, device):
     (gg,) = torch.autograd.grad(out, (g,), torch.empty_like(out))
     for t in (gsh, gsc, gg):
         assert t.shape == (N, D) and torch.equal(t, torch.zeros_like(t))
+
+
+def test_without_the_extension_the_reference_runs_and_says_why(monkeypatch):
+    """The package works without dumo_engine._C: CPU calls fall back to the PyTorch reference with one warning that
+    names the cause, and the result is the reference's."""
+    monkeypatch.setattr(rw, "_ext", None)
+    monkeypatch.setattr(rw, "_ext_error", "dumo_engine._C is not importable (ImportError: test)")
+    monkeypatch.setattr(rw, "_warned", set())
+    monkeypatch.delenv("DUMO_ROWWISE_IMPL", raising=False)
+    x, sh, sc = rnd(2, 3, 8), rnd(2, 8, seed=1), rnd(2, 8, seed=2)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        y, mean, rstd = rw.layernorm_modulate(x, sh, sc)
+        out = rw.gated_residual(x, sh, x)
+    assert rw.last_impl()["ln_mod_fwd"] == "torch" and rw.last_impl()["gated_fwd"] == "torch"
+    msgs = [str(m.message) for m in w]
+    assert sum("ImportError: test" in m for m in msgs) == 1, msgs
+    assert torch.equal(y, ref.ln_mod_fwd(x, sh, sc)[0]) and torch.equal(out, ref.gated_fwd(x, sh, x))
+    with pytest.raises(RuntimeError, match="'cpp' needs CPU tensors and dumo_engine._C"):
+        rw.layernorm_modulate(x, sh, sc, impl="cpp")
 
 
 def test_forced_unavailable_impl_says_why():
