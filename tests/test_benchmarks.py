@@ -24,7 +24,7 @@ def test_compare_objectives_smoke(tmp_path):
 
 
 def test_bench_train_step_cpu_smoke(tmp_path):
-    """bench_train_step runs its three cases on CPU and writes one JSONL row each (no timing checked)."""
+    """bench_train_step runs its cases on CPU and writes one JSONL row each (no timing checked)."""
     import json
     out = tmp_path / "rows.jsonl"
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_train_step.py"), "--cpu", "--models", "DiT-tiny",
@@ -32,6 +32,21 @@ def test_bench_train_step_cpu_smoke(tmp_path):
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [json.loads(ln) for ln in out.read_text().splitlines()]
-    assert [r["impl"] for r in rows] == ["flow_matching", "dumo_reference", "dumo_fused", "dumo_fused_stacked"]
+    assert [r["impl"] for r in rows] == ["flow_matching", "dumo_reference", "dumo_fused", "dumo_fused_torch_rowwise",
+                                         "dumo_fused_stacked"]
     assert all(r["timing"]["median_ms"] > 0 and r["flops"] > 0 and "commit" in r for r in rows)
     assert rows[2]["ref_ms"] == rows[1]["timing"]["median_ms"]
+
+
+def test_bench_rowwise_cpu_smoke(tmp_path):
+    """bench_rowwise runs every op for PyTorch and the C++ twin on CPU, one JSONL row each with its bytes."""
+    import json
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_rowwise.py"), "--cpu", "--quick", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    ops = ["ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "ln_dual_fwd", "ln_dual_bwd", "gated_fwd", "gated_jvp", "gated_bwd"]
+    assert [(r["op"], r["impl"]) for r in rows] == [(op, impl) for op in ops for impl in ("pytorch", "cpp")]
+    assert all(r["timing"]["median_ms"] > 0 and r["bytes_moved"] > 0 for r in rows)
+    assert all(r["ref_ms"] for r in rows if r["impl"] == "cpp")
