@@ -99,33 +99,30 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, ema: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, meta: Optional[dict] = None, keep: int = 2) -> str:
-    """Write checkpoint `step` atomically; returns its directory. Older ones beyond `keep` are removed."""
+def stage_dir(run_dir: str, step: int) -> tuple[str, str, str]:
+    """(checkpoints root, final name, fresh temporary directory) for checkpoint `step`; debris of a killed save is
+    removed first (one writer per run directory: rank 0 under DeepSpeed)."""
     root = os.path.join(run_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     name = f"step_{step:08d}"
-    final = os.path.join(root, name)
-    for stale in os.listdir(root):  # debris of a save that was killed (one writer per run directory)
+    for stale in os.listdir(root):
         if stale.startswith(".tmp_"):
             shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
     tmp = os.path.join(root, f".tmp_{name}_{os.getpid()}")
     os.makedirs(tmp)
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
-    parts = {
-        "model.safetensors": _state_dict_tensors(model.state_dict()),
-        "ema.safetensors": _state_dict_tensors(ema.state_dict()),
-        "optimizer.safetensors": opt_tensors,
-        "rng.safetensors": rng_state(),
-    }
-    files = {}
-    for fname, tensors in parts.items():
-        path = os.path.join(tmp, fname)
-        save_file(tensors, path)
-        with open(path, "rb+") as f:
-            os.fsync(f.fileno())
-        files[fname] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
-    state = {"format": FORMAT_VERSION, "step": step, "files": files, "optimizer": opt_meta, "meta": meta or {}}
+    return root, name, tmp
+
+
+def file_record(path: str) -> dict:
+    """fsync a written file and return its size and sha256 (what state.json records)."""
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+
+
+def publish(root: str, name: str, tmp: str, state: dict, keep: int) -> str:
+    """Write state.json into tmp, rename tmp to its final name, then point `latest` at it (each step atomic)."""
+    final = os.path.join(root, name)
     _write_json_atomic(os.path.join(tmp, "state.json"), state)
     _fsync_dir(tmp)
     if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
@@ -140,6 +137,26 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, ema: torch.
     os.replace(tmp_latest, os.path.join(root, "latest"))
     _prune(root, keep, protect=name)
     return final
+
+
+def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, ema: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, meta: Optional[dict] = None, keep: int = 2) -> str:
+    """Write checkpoint `step` atomically; returns its directory. Older ones beyond `keep` are removed."""
+    root, name, tmp = stage_dir(run_dir, step)
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer)
+    parts = {
+        "model.safetensors": _state_dict_tensors(model.state_dict()),
+        "ema.safetensors": _state_dict_tensors(ema.state_dict()),
+        "optimizer.safetensors": opt_tensors,
+        "rng.safetensors": rng_state(),
+    }
+    files = {}
+    for fname, tensors in parts.items():
+        path = os.path.join(tmp, fname)
+        save_file(tensors, path)
+        files[fname] = file_record(path)
+    state = {"format": FORMAT_VERSION, "step": step, "files": files, "optimizer": opt_meta, "meta": meta or {}}
+    return publish(root, name, tmp, state, keep)
 
 
 def _prune(root: str, keep: int, protect: str) -> None:
@@ -192,8 +209,23 @@ def load_newest_valid(run_dir: str) -> tuple[Optional[dict], list[str]]:
     return None, []
 
 
-def load_checkpoint(path: str, verify: bool = True) -> dict:
-    """Read and verify a checkpoint directory; returns tensors and metadata (no torch objects built)."""
+def verify_files(path: str, state: dict, verify: bool = True) -> None:
+    """Every file state.json lists exists with its recorded size (and sha256 when verify)."""
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"checkpoint {path}: state.json lists no files")
+    for fname, expect in files.items():
+        fpath = os.path.join(path, fname)
+        if not os.path.isfile(fpath):
+            raise CheckpointError(f"checkpoint {path} is incomplete: {fname} is missing")
+        size = os.path.getsize(fpath)
+        if size != expect["bytes"]:
+            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {fname} has {size} bytes, expected {expect['bytes']}")
+        if verify and _sha256(fpath) != expect["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {fname} fails its sha256 check")
+
+
+def read_state(path: str) -> dict:
     if not os.path.isdir(path):
         raise CheckpointError(f"checkpoint not found: {path}")
     state_path = os.path.join(path, "state.json")
@@ -206,27 +238,40 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt: state.json is not valid JSON ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: unknown format {state.get('format') if isinstance(state, dict) else state!r}")
-    out: dict[str, Any] = {"step": state["step"], "meta": state.get("meta", {}), "path": path}
-    for fname in FILES:
-        fpath = os.path.join(path, fname)
-        expect = state["files"].get(fname)
-        if expect is None or not os.path.isfile(fpath):
+    return state
+
+
+def load_checkpoint(path: str, verify: bool = True) -> dict:
+    """Read and verify a checkpoint directory; returns tensors and metadata (no torch objects built).
+
+    A one-process checkpoint gives model, ema, optimizer and rng; a DeepSpeed one (state "kind": "deepspeed") gives
+    its consolidated model and ema (what `dumo sample` needs) after every file it lists passed its checks."""
+    state = read_state(path)
+    kind = state.get("kind", "local")
+    required = FILES if kind == "local" else ("model.safetensors", "ema.safetensors")
+    for fname in required:
+        if fname not in state.get("files", {}):
             raise CheckpointError(f"checkpoint {path} is incomplete: {fname} is missing")
-        size = os.path.getsize(fpath)
-        if size != expect["bytes"]:
-            raise CheckpointError(f"checkpoint {path} is truncated or corrupt: {fname} has {size} bytes, expected {expect['bytes']}")
-        if verify and _sha256(fpath) != expect["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: {fname} fails its sha256 check")
+    verify_files(path, state, verify)
+    out: dict[str, Any] = {"step": state["step"], "meta": state.get("meta", {}), "path": path, "kind": kind,
+                           "state": state}
+    for fname in required:
         try:
-            out[fname.split(".")[0]] = load_file(fpath, device="cpu")
+            out[fname.split(".")[0]] = load_file(os.path.join(path, fname), device="cpu")
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {fname} ({e})") from None
-    out["optimizer"] = optimizer_from_flat(out["optimizer"], state["optimizer"])
+    if kind == "local":
+        out["optimizer"] = optimizer_from_flat(out["optimizer"], state["optimizer"])
     return out
 
 
 def restore(ckpt: dict, model: torch.nn.Module, ema: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
     """Load a checkpoint read by load_checkpoint into live objects (and the RNG); returns its step."""
+    if ckpt.get("kind", "local") != "local":
+        st = ckpt.get("state", {})
+        raise CheckpointError(f"checkpoint {ckpt['path']} was written by a DeepSpeed run (ZeRO-{st.get('zero_stage')}, "
+                              f"{st.get('world_size')} ranks): resume it with train.deepspeed on as many ranks "
+                              "(its model and ema weights load anywhere, e.g. dumo sample)")
     for name, module in (("model", model), ("ema", ema)):
         try:
             module.load_state_dict(ckpt[name], strict=True)

@@ -50,6 +50,8 @@ def cmd_train(args, overrides) -> int:
     from .train import train
 
     result = train(cfg)
+    if result.rank != 0:  # DeepSpeed: rank 0 samples and scores the consolidated weights
+        return 0
     if cfg.eval.at_end and cfg.data.dataset == "digits":
         model = result.ema if cfg.sample.use_ema else result.model
         evaluate_digits(model, cfg, cfg.objective.name, out_dir=result.run_dir)
@@ -108,6 +110,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("eval", help="score a run's latest checkpoint (digits)")
     e.add_argument("--run", required=True)
     args, rest = p.parse_known_args(argv)
+    rest = [a for a in rest if not a.startswith("--local_rank")]  # the deepspeed launcher adds it; LOCAL_RANK is set too
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
     unknown = [a for a in rest if a not in overrides]
     if unknown:

@@ -82,6 +82,8 @@ class TrainConfig:
     threads: int = 0  # torch CPU threads; 0 leaves torch's default
     progress: bool = True  # tqdm bar with img/s
     peak_tflops: float = 0.0  # measured peak of the device for MFU in the log; 0: don't report MFU
+    deepspeed: Optional[str] = None  # DeepSpeed JSON (configs/deepspeed/zero{0,1,2,3}.json); None: one process
+    micro_batch: int = 0  # per-rank micro-batch under DeepSpeed; 0: batch_size / world_size (no accumulation)
 
 
 @dataclass
@@ -124,7 +126,7 @@ POSITIVE = {"optim.lr", "train.steps", "train.batch_size", "sample.v_steps", "sa
             "sample.grid_cols", "model.input_size", "model.in_channels", "model.num_classes", "objective.P_std"}
 NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "objective.lambda_v", "objective.adaptive_p",
                 "objective.adaptive_eps", "train.log_every", "train.ckpt_every", "train.threads",
-                "train.keep_checkpoints", "train.peak_tflops"}
+                "train.keep_checkpoints", "train.peak_tflops", "train.micro_batch"}
 UNIT_INTERVAL = {"objective.equal_fraction", "objective.label_dropout", "objective.cfg_t_lo", "objective.cfg_t_hi",
                  "optim.ema_decay"}
 HALF_OPEN_UNIT = {"optim.beta1", "optim.beta2"}  # [0, 1)
@@ -219,6 +221,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.model.input_size % DIT_SIZES[cfg.model.name].patch_size:
         raise ConfigError(f"model.input_size {cfg.model.input_size} is not divisible by {cfg.model.name}'s patch size")
     _check_dataset(cfg)
+    if cfg.train.micro_batch and not cfg.train.deepspeed:
+        raise ConfigError("train.micro_batch applies to DeepSpeed runs only (set train.deepspeed, or leave it 0)")
+    if cfg.train.deepspeed and o.name != "flow_matching" and o.jvp_backend in ("func", "forward_ad"):
+        raise ConfigError(f"objective.jvp_backend={o.jvp_backend} cannot run under train.deepspeed: torch.func sees "
+                          "through no wrapper (the gradient sync would be skipped); use fused or auto")
     for m in cfg.eval.methods:
         if m not in METHODS:
             raise ConfigError(f"eval.methods: {m!r} is not one of {', '.join(METHODS)}")

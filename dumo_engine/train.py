@@ -79,6 +79,7 @@ class TrainResult:
     ema: torch.nn.Module
     objective: object
     log_path: str
+    rank: int = 0  # under DeepSpeed only rank 0 holds model/ema (consolidated); other ranks have None
 
 
 def _trim_log(path: str, last_step: int) -> None:
@@ -114,64 +115,161 @@ def _archive_previous(run_dir: str) -> None:
     print(f"train.resume=false: the earlier run's {' and '.join(old)} moved to {dest}")
 
 
+class LocalBackend:
+    """One process, plain PyTorch (distributed.engine.DeepSpeedBackend is the multi-rank twin with the same methods)."""
+
+    rank, world_size, is_main = 0, 1, True
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, device: torch.device):
+        oc = cfg.optim
+        self.module = self.model = model
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+                                     weight_decay=oc.weight_decay, fused=device.type == "cuda")
+        self.grad_clip = oc.grad_clip if oc.grad_clip > 0 else float("inf")
+
+    def shards(self, n: int) -> list[tuple[int, int]]:
+        return [(0, n)]
+
+    def backward(self, loss: torch.Tensor, first: bool) -> None:
+        if first:
+            self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+
+    def step(self) -> torch.Tensor:
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.opt.step()
+        return norm
+
+    def ema_update(self, decay: float) -> None:
+        ema_update(self.ema, self.model, decay)
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
+    def barrier(self) -> None:
+        pass
+
+    def save(self, run_dir: str, step: int, meta: dict, keep: int) -> None:
+        ckpt_io.save_checkpoint(run_dir, step, self.model, self.ema, self.opt, meta=meta, keep=keep)
+
+    def resume(self, run_dir: str) -> tuple[int, str | None, list[str]]:
+        ckpt, skipped = ckpt_io.load_newest_valid(run_dir)
+        if ckpt is None:
+            return 0, None, skipped
+        return ckpt_io.restore(ckpt, self.model, self.ema, self.opt), ckpt["path"], skipped
+
+    def final_models(self):
+        return self.model, self.ema
+
+
+class _DeepSpeedLoop:
+    """Adapter giving DeepSpeedBackend the loop's save/resume/final_models (kept here so the loop reads the same)."""
+
+    def __init__(self, backend, cfg: RunConfig):
+        self.b, self.cfg = backend, cfg
+
+    def __getattr__(self, name):
+        return getattr(self.b, name)
+
+    def save(self, run_dir, step, meta, keep):
+        from .distributed.checkpoint import save_ds_checkpoint
+
+        save_ds_checkpoint(run_dir, step, self.b, meta=meta, keep=keep)
+
+    def resume(self, run_dir):
+        from .distributed.checkpoint import resume_ds_checkpoint
+
+        return resume_ds_checkpoint(run_dir, self.b)
+
+    def final_models(self):
+        model_sd, ema_sd = self.b.full_state_dicts()
+        if not self.b.is_main:
+            return None, None
+        model, ema = build_model_from_config(self.cfg), build_model_from_config(self.cfg)
+        model.load_state_dict(model_sd)
+        ema.load_state_dict(ema_sd)
+        return model.eval(), ema.requires_grad_(False).eval()
+
+
+def make_backend(cfg: RunConfig, model: torch.nn.Module, device: torch.device):
+    if not cfg.train.deepspeed:
+        return LocalBackend(cfg, model, device)
+    from .distributed.engine import DeepSpeedBackend
+
+    return _DeepSpeedLoop(DeepSpeedBackend(cfg, model, device), cfg)
+
+
+def _flops_per_img(cfg: RunConfig, backend, objective, x, y) -> float:
+    if backend.world_size == 1 and not cfg.train.deepspeed:
+        return measure_step_flops(backend.module, objective, x, y)
+    with torch.device("meta"):  # sharded parameters cannot run outside the engine: count on a meta-device copy
+        meta_model = build_model_from_config(cfg)
+    return measure_step_flops(meta_model, objective, x.to("meta"), y.to("meta"))
+
+
 def train(cfg: RunConfig) -> TrainResult:
     tc, oc = cfg.train, cfg.optim
     device = resolve_device(tc.device)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     run_dir = tc.out_dir
-    os.makedirs(run_dir, exist_ok=True)
-    if not tc.resume:
-        _archive_previous(run_dir)
-    save_config(cfg, os.path.join(run_dir, "config.yaml"))
     log_path = os.path.join(run_dir, "log.jsonl")
-
     torch.manual_seed(tc.seed)
     model = build_model_from_config(cfg).to(device)
     if cfg.model.pretrained:
         print(load_pretrained_dit(model, cfg.model.pretrained).summary())
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
     objective = build_objective(cfg)
+    if tc.deepspeed and getattr(objective, "jvp_backend", None) == "auto":
+        objective.jvp_backend = "fused"  # the one JVP path that runs through the engine's forward
+    backend = make_backend(cfg, model, device)  # under DeepSpeed: joins the process group, shards the model
+    main = backend.is_main
+    if main:
+        os.makedirs(run_dir, exist_ok=True)
+        if not tc.resume:
+            _archive_previous(run_dir)
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
+    backend.barrier()
     data = DigitsData.from_config(cfg.data, tc.batch_size, tc.seed, device)
-    opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2), weight_decay=oc.weight_decay,
-                            fused=device.type == "cuda")
 
-    step = 0
-    ckpt = None
-    if tc.resume:
-        ckpt, skipped = ckpt_io.load_newest_valid(run_dir)
-        for msg in skipped:
-            print(f"warning: skipped a damaged checkpoint: {msg}")
-    if ckpt is not None:
-        step = ckpt_io.restore(ckpt, model, ema, opt)
+    step, path, skipped = backend.resume(run_dir) if tc.resume else (0, None, [])
+    for msg in skipped:
+        print(f"warning: skipped a damaged checkpoint: {msg}")
+    if main and path is not None:
         _trim_log(log_path, step)
-        print(f"resumed from {ckpt['path']} at step {step}")
-    elif os.path.exists(log_path):
+        print(f"resumed from {path} at step {step}")
+    elif main and os.path.exists(log_path):
         os.remove(log_path)
 
-    n_params = sum(p.numel() for p in model.parameters())
-    flops_img = measure_step_flops(model, objective, *data.batch(step))
-    print(f"{cfg.model.name}: {n_params / 1e6:.2f}M params | {objective.name} | {flops_img / 1e9:.3f} GFLOP/img/step | {device}")
+    with torch.device("meta"):  # the full count (ZeRO-3 leaves each rank a partition)
+        n_params = sum(p.numel() for p in build_model_from_config(cfg).parameters())
+    flops_img = _flops_per_img(cfg, backend, objective, *data.batch(step))
+    if main:
+        where = f"{device}" + (f" x {backend.world_size} ranks, ZeRO-{backend.stage}" if tc.deepspeed else "")
+        print(f"{cfg.model.name}: {n_params / 1e6:.2f}M params | {objective.name} | {flops_img / 1e9:.3f} GFLOP/img/step | {where}")
 
     bar = None
-    if tc.progress:
+    if tc.progress and main:
         from tqdm import tqdm
         bar = tqdm(total=tc.steps, initial=step, unit="step", dynamic_ncols=True)
     sums: dict[str, torch.Tensor] = {}
     count, t_last = 0, time.perf_counter()
     model.train()
-    with open(log_path, "a") as log:
+    with open(log_path, "a") if main else contextlib.nullcontext() as log:
         while step < tc.steps:
-            x, y = data.batch(step)
-            with autocast_ctx(device, tc.precision):
-                loss, metrics = objective.loss(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), oc.grad_clip if oc.grad_clip > 0 else float("inf"))
-            opt.step()
+            x, y = data.batch(step)  # the global batch: the same on every rank
+            draws = objective.draw(x)  # the step's randomness for all rows, in one order (rank-independent)
+            parts = backend.shards(x.shape[0])  # this rank's rows, as micro-batches
+            metrics: dict[str, torch.Tensor] = {}
+            for i, (a, b) in enumerate(parts):
+                with autocast_ctx(device, tc.precision):
+                    loss, m = objective.loss(backend.module, x[a:b], y[a:b], draws.rows(a, b))
+                backend.backward(loss, first=i == 0)
+                for k, v in m.items():
+                    metrics[k] = metrics.get(k, 0.0) + v.detach().float() / len(parts)
+            metrics["grad_norm"] = backend.step()
             # EMA warm-up: averaging starts short so a short run's EMA is not dominated by the init.
-            ema_update(ema, model, min(oc.ema_decay, (1 + step) / (10 + step)) if oc.ema_warmup else oc.ema_decay)
+            backend.ema_update(min(oc.ema_decay, (1 + step) / (10 + step)) if oc.ema_warmup else oc.ema_decay)
             step += 1
             count += 1
             for k, v in metrics.items():  # accumulate on device: no sync inside the step
@@ -179,28 +277,29 @@ def train(cfg: RunConfig) -> TrainResult:
             ckpt_now = (tc.ckpt_every and step % tc.ckpt_every == 0) or step == tc.steps
             # a log window also closes at each checkpoint, so a resumed run logs exactly the same rows
             if tc.log_every and (step % tc.log_every == 0 or ckpt_now):
+                means = {k: backend.reduce_mean(v / count).item() for k, v in sums.items()}  # mean over ranks
                 dt = time.perf_counter() - t_last
                 img_s = count * tc.batch_size / dt
-                row = {"step": step, "kimg": step * tc.batch_size / 1e3,
-                       **{k: (v / count).item() for k, v in sums.items()},
+                row = {"step": step, "kimg": step * tc.batch_size / 1e3, **means,
                        "img_s": img_s, "sec_per_kimg": 1e3 / img_s, "lr": oc.lr}
                 if tc.peak_tflops > 0:
-                    row["mfu"] = flops_img * img_s / (tc.peak_tflops * 1e12)
+                    row["mfu"] = flops_img * img_s / (tc.peak_tflops * 1e12 * backend.world_size)
                 if device.type == "cuda":
                     row["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.write(json.dumps(row) + "\n")
-                log.flush()
+                if main:
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
                 sums, count, t_last = {}, 0, time.perf_counter()
             if bar is not None:
                 bar.update(1)
             if ckpt_now:
-                ckpt_io.save_checkpoint(run_dir, step, model, ema, opt, meta={"model": cfg.model.name},
-                                        keep=tc.keep_checkpoints)
+                backend.save(run_dir, step, {"model": cfg.model.name}, tc.keep_checkpoints)
     if bar is not None:
         bar.close()
-    return TrainResult(run_dir, step, model, ema, objective, log_path)
+    final_model, final_ema = backend.final_models()  # consolidated on rank 0 under DeepSpeed; None elsewhere
+    return TrainResult(run_dir, step, final_model, final_ema, objective, log_path, backend.rank)
 
 
 def read_log(path: str) -> list[dict]:

@@ -23,6 +23,11 @@ import torch.nn.functional as F
 _GELU_K = math.sqrt(2.0 / math.pi)
 
 
+def _amp_device(t: torch.Tensor) -> str:
+    """The autocast device type for t ("meta" tensors, used to count FLOPs of sharded models, report as cpu)."""
+    return t.device.type if t.device.type in ("cuda", "cpu", "xpu", "mps") else "cpu"
+
+
 def _acc(x: torch.Tensor) -> torch.Tensor:
     """Accumulation dtype for tangent math: fp32 for half precision, else unchanged (float64 stays)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -108,7 +113,7 @@ class StackedLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, x_dot, weight, bias):
         # compute dtype: the autocast dtype when autocast is on (as nn.Linear would), else x's
-        dev = x.device.type
+        dev = _amp_device(x)
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
             xs, w = x.to(dt), weight.to(dt)
@@ -149,7 +154,7 @@ def linear_jvp(layer, x: torch.Tensor, x_dot: torch.Tensor):
 def _lin_t(x_dot: torch.Tensor, layer) -> torch.Tensor:
     """Tangent of a Linear: x_dot W^T (no bias); under autocast the GEMM runs in its precision (x_dot is handed to
     autocast as it is: a bf16 tangent is not widened to the fp32 weight dtype only to be narrowed again)."""
-    if torch.is_autocast_enabled(x_dot.device.type):
+    if torch.is_autocast_enabled(_amp_device(x_dot)):
         return F.linear(x_dot, layer.weight)
     return F.linear(x_dot.to(layer.weight.dtype), layer.weight)
 
@@ -265,7 +270,7 @@ def _final_layer_jvp(head, x, x_dot, c, silu_c_dot):
 
 
 def _final_linear_t(head, in_dot):
-    with torch.autocast(in_dot.device.type, enabled=False):  # tiny GEMM (D -> p*p*C): du/dt leaves in fp32
+    with torch.autocast(_amp_device(in_dot), enabled=False):  # tiny GEMM (D -> p*p*C): du/dt leaves in fp32
         return F.linear(in_dot, head.linear.weight.to(in_dot.dtype))
 
 

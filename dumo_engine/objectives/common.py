@@ -57,12 +57,22 @@ def sample_t_r(n: int, mean: float, std: float, equal_fraction: float, device) -
     return t, r
 
 
-def drop_labels(y: torch.Tensor, p: float, null_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Replace labels by NULL with probability p; returns (labels, dropped mask)."""
+def drop_labels(y: torch.Tensor, p: float, null_class: int,
+                u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Replace labels by NULL with probability p; returns (labels, dropped mask). u: pre-drawn U(0,1) per row."""
     if p <= 0:
         return y, torch.zeros_like(y, dtype=torch.bool)
-    dropped = torch.rand(y.shape, device=y.device) < p
+    dropped = (torch.rand(y.shape, device=y.device) if u is None else u) < p
     return torch.where(dropped, torch.full_like(y, null_class), y), dropped
+
+
+class Draws(dict):
+    """The random numbers of one training step, drawn for the GLOBAL batch in a fixed order (so one process and
+    any number of data-parallel ranks consume the RNG identically), then sliced per rank / micro-batch.
+    Keys: t, r (N,), e (noise, shape of x), u_drop (N,) or absent."""
+
+    def rows(self, start: int, stop: int) -> "Draws":
+        return Draws({k: v[start:stop] for k, v in self.items()})
 
 
 def bcast(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from ..jvp import JVP_BACKENDS, flow_map_jvp
 # fused: the model's own forward + JVP pass (model(..., tangent=a)); func / forward_ad: the torch reference;
 # auto: fused on CUDA, func elsewhere.
 OBJECTIVE_JVP = ("auto", "fused") + JVP_BACKENDS
-from .common import (GuidanceConfig, adaptive_weight, bcast, drop_labels, guided_target, model_velocity,
+from .common import (Draws, GuidanceConfig, adaptive_weight, bcast, drop_labels, guided_target, model_velocity,
                      per_sample_sq, sample_t_r)
 
 CHOICES = ("data", "model")
@@ -41,15 +41,23 @@ class _FlowMapObjective:
         self.adaptive_p, self.adaptive_eps = adaptive_p, adaptive_eps
         self.tangent, self.target_velocity, self.jvp_backend = tangent, target_velocity, jvp_backend
 
-    def targets(self, model, x: torch.Tensor, y: torch.Tensor):
-        """Steps 1-3: (z, t, r, labels after dropout, guided velocity v_g, model velocity v_c or None)."""
-        n = x.shape[0]
-        t, r = sample_t_r(n, self.P_mean, self.P_std, self.equal_fraction, x.device)
-        e = torch.randn_like(x)
+    def draw(self, x: torch.Tensor) -> Draws:
+        """This step's randomness for the (global) batch x: t, r, noise e, label-dropout uniforms, in this order."""
+        t, r = sample_t_r(x.shape[0], self.P_mean, self.P_std, self.equal_fraction, x.device)
+        d = Draws(t=t, r=r, e=torch.randn_like(x))
+        if self.guidance.label_dropout > 0:
+            d["u_drop"] = torch.rand(x.shape[0], device=x.device)
+        return d
+
+    def targets(self, model, x: torch.Tensor, y: torch.Tensor, draws: Draws | None = None):
+        """Steps 1-3: (z, t, r, labels after dropout, guided velocity v_g, model velocity v_c or None).
+        draws: this batch's rows of the step's randomness (default: drawn here for x)."""
+        d = self.draw(x) if draws is None else draws
+        t, r, e = d["t"], d["r"], d["e"]
         tb = bcast(t, x)
         z = (1 - tb) * x + tb * e
         v = e - x
-        y, dropped = drop_labels(y, self.guidance.label_dropout, self.null_class)
+        y, dropped = drop_labels(y, self.guidance.label_dropout, self.null_class, d.get("u_drop"))
         need_vc = self.tangent == "model" or self.target_velocity == "model"
         v_c = None
         if self.guidance.enabled:
@@ -61,8 +69,8 @@ class _FlowMapObjective:
                 v_c, _ = model_velocity(model, z, t, y, self.null_class, self.velocity_head, with_uncond=False)
         return z, t, r, y, v_g, v_c
 
-    def loss(self, model, x: torch.Tensor, y: torch.Tensor):
-        z, t, r, y, v_g, v_c = self.targets(model, x, y)
+    def loss(self, model, x: torch.Tensor, y: torch.Tensor, draws: Draws | None = None):
+        z, t, r, y, v_g, v_c = self.targets(model, x, y, draws)
         a = v_g if self.tangent == "data" else v_c
         b = v_g if self.target_velocity == "data" else v_c
         heads = self.heads

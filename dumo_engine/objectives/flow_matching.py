@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .common import (GuidanceConfig, adaptive_weight, drop_labels, guided_target, logit_normal,
+from .common import (Draws, GuidanceConfig, adaptive_weight, drop_labels, guided_target, logit_normal,
                      model_velocity, per_sample_sq, bcast)
 
 
@@ -19,14 +19,20 @@ class FlowMatching:
         self.guidance = guidance or GuidanceConfig()
         self.adaptive_p, self.adaptive_eps = adaptive_p, adaptive_eps
 
-    def loss(self, model, x: torch.Tensor, y: torch.Tensor):
-        n = x.shape[0]
-        t = logit_normal(n, self.P_mean, self.P_std, x.device)
-        e = torch.randn_like(x)
+    def draw(self, x: torch.Tensor) -> Draws:
+        """This step's randomness for the (global) batch x: t, noise e, label-dropout uniforms, in this order."""
+        d = Draws(t=logit_normal(x.shape[0], self.P_mean, self.P_std, x.device), e=torch.randn_like(x))
+        if self.guidance.label_dropout > 0:
+            d["u_drop"] = torch.rand(x.shape[0], device=x.device)
+        return d
+
+    def loss(self, model, x: torch.Tensor, y: torch.Tensor, draws: Draws | None = None):
+        d = self.draw(x) if draws is None else draws
+        t, e = d["t"], d["e"]
         tb = bcast(t, x)
         z = (1 - tb) * x + tb * e  # (N, C, H, W)
         v = e - x
-        y, dropped = drop_labels(y, self.guidance.label_dropout, self.null_class)
+        y, dropped = drop_labels(y, self.guidance.label_dropout, self.null_class, d.get("u_drop"))
         if self.guidance.enabled:
             v_c, v_u = model_velocity(model, z, t, y, self.null_class, "v", with_uncond=True)
             v = guided_target(v, v_c, v_u, t, dropped, self.guidance)

@@ -1,0 +1,94 @@
+"""DeepSpeed checkpoints through the engine's checkpoint API (checkpoint.py): same directory, atomic rename,
+`latest` pointer, size + sha256 of every file in state.json, and consolidated weights any one process can load.
+
+  checkpoints/step_00000100/
+    model.safetensors  ema.safetensors     consolidated fp32 weights (rank 0): `dumo sample` / `dumo eval` load these
+    deepspeed/ds/...                       DeepSpeed's own shards (module + ZeRO optimizer partitions, every rank)
+    ema_shard_rank00000.safetensors ...    ZeRO-3: each rank's EMA partition (exact resume without a gather)
+    rng_rank00000.safetensors ...          each rank's RNG state
+    state.json                             {"kind": "deepspeed", "zero_stage", "world_size", "step", "files": ...}
+
+All ranks write into one temporary directory (shared filesystem across nodes, as DeepSpeed requires); after a
+barrier rank 0 records sizes and hashes, renames it into place and moves `latest`. A save killed at any point leaves
+the previous checkpoint and pointer intact. DeepSpeed reads its shard files with torch.load (pickle): the engine lets
+it read only shards whose sha256 matches what this engine recorded when it wrote them (checked before loading).
+Resuming needs the same ZeRO stage and world size (DeepSpeed's partitions are per rank).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from .. import checkpoint as ckpt_io
+from ..checkpoint import CheckpointError
+
+DS_DIR, DS_TAG = "deepspeed", "ds"
+
+
+def _rank_file(kind: str, rank: int) -> str:
+    return f"{kind}_rank{rank:05d}.safetensors"
+
+
+def save_ds_checkpoint(run_dir: str, step: int, backend, meta: Optional[dict] = None, keep: int = 2) -> Optional[str]:
+    """Collective: every rank calls it. Returns the checkpoint directory on rank 0, None elsewhere."""
+    rank = backend.rank
+    tmp_box = [None]
+    if backend.is_main:
+        root, name, tmp = ckpt_io.stage_dir(run_dir, step)
+        tmp_box = [(root, name, tmp)]
+    dist.broadcast_object_list(tmp_box, src=0)  # a path string between our own ranks
+    root, name, tmp = tmp_box[0]
+    backend.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, client_state={"dumo_step": step},
+                                   save_latest=False)
+    model_sd, ema_sd = backend.full_state_dicts()  # collective gather to rank 0
+    if backend.stage == 3:
+        save_file(backend.ema.shard_tensors(), os.path.join(tmp, _rank_file("ema_shard", rank)))
+    save_file(ckpt_io.rng_state(), os.path.join(tmp, _rank_file("rng", rank)))
+    if backend.is_main:
+        save_file(model_sd, os.path.join(tmp, "model.safetensors"))
+        save_file(ema_sd, os.path.join(tmp, "ema.safetensors"))
+    backend.barrier()
+    final = None
+    if backend.is_main:
+        files = {}
+        for dirpath, _, names in os.walk(tmp):
+            for fname in sorted(names):
+                path = os.path.join(dirpath, fname)
+                files[os.path.relpath(path, tmp)] = ckpt_io.file_record(path)
+        state = {"format": ckpt_io.FORMAT_VERSION, "kind": "deepspeed", "step": step, "files": files,
+                 "zero_stage": backend.stage, "world_size": backend.world_size, "meta": meta or {}}
+        final = ckpt_io.publish(root, name, tmp, state, keep)
+    backend.barrier()
+    return final
+
+
+def resume_ds_checkpoint(run_dir: str, backend) -> tuple[int, Optional[str], list[str]]:
+    """Collective. (step, path, skipped-damaged messages): the newest checkpoint that passes every check (rank 0
+    verifies, all ranks load); (0, None, ...) when there is none."""
+    box = [None, []]
+    if backend.is_main:
+        ck, skipped = ckpt_io.load_newest_valid(run_dir)
+        box = [None if ck is None else ck["path"], skipped]
+    dist.broadcast_object_list(box, src=0)
+    path, skipped = box
+    if path is None:
+        return 0, None, skipped
+    state = ckpt_io.read_state(path)
+    if state.get("kind") != "deepspeed":
+        raise CheckpointError(f"checkpoint {path} was written by a one-process run; resume it without train.deepspeed, "
+                              "or start the DeepSpeed run in a fresh train.out_dir")
+    for key, have in (("zero_stage", backend.stage), ("world_size", backend.world_size)):
+        if state.get(key) != have:
+            raise CheckpointError(f"checkpoint {path} has {key}={state.get(key)} but this run has {have}: DeepSpeed's "
+                                  "partitions are per rank; resume with the same ZeRO stage and number of ranks")
+    load_path, _ = backend.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+    if load_path is None:
+        raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
+    ema_file = _rank_file("ema_shard", backend.rank) if backend.stage == 3 else "ema.safetensors"
+    backend.ema.load_shards(load_file(os.path.join(path, ema_file)))
+    ckpt_io.set_rng_state(load_file(os.path.join(path, _rank_file("rng", backend.rank))))
+    return int(state["step"]), path, skipped

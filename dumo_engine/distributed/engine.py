@@ -1,0 +1,161 @@
+"""DeepSpeed ZeRO training backend: the engine the training loop drives when train.deepspeed names a config.
+
+Launch (one node or many; README "Scale out"):
+  deepspeed --num_gpus 8 -m dumo_engine.cli train --config C --train.deepspeed=configs/deepspeed/zero2.json
+  torchrun --nproc_per_node 8 -m dumo_engine.cli train --config C --train.deepspeed=configs/deepspeed/zero2.json
+Both set RANK/WORLD_SIZE/MASTER_ADDR; the process group is NCCL on CUDA and gloo on CPU.
+
+What each rank does per optimizer step (global batch B = micro x accumulation x world):
+  - every rank builds the same global batch (the sampler is a pure function of the step) and draws the step's
+    randomness for all B rows in one fixed order (objectives' `draw`), then trains on its own rows: rank r gets
+    rows [r B/W, (r+1) B/W), cut into `accumulation` micro-batches. So W ranks see exactly the samples and noise
+    one process would, and DeepSpeed's gradient averaging makes the update the one-process update.
+  - the loss goes through the DeepSpeed engine's forward, with the fused forward+JVP pass (an ordinary forward:
+    nothing bypasses the wrapper, so no gradient sync is skipped); engine.backward + engine.step (which clips).
+  - EMA: fp32, of the parameters as this rank holds them: full tensors under ZeRO 0-2, this rank's partition
+    (param.ds_tensor) under ZeRO-3 (no communication per step; gathered only for export).
+  - metrics are averaged over ranks at log time; only rank 0 writes logs, config, samples and checkpoint pointers.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError
+from .ds_config import load_ds_config, resolve_ds_config, zero_stage
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except Exception as e:  # ImportError, or a broken install
+        raise ConfigError(f"train.deepspeed is set but deepspeed is not importable ({type(e).__name__}: {e}); "
+                          "install it with: DS_BUILD_OPS=0 pip install 'dumo-engine[deepspeed]'") from None
+    with contextlib.suppress(Exception):  # its shared-memory comm op JIT-builds for ~30 s and is not needed
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def init_process_group(device: torch.device):
+    """torch.distributed over NCCL (CUDA) or gloo (CPU), from the launcher's environment; a single process without
+    a launcher becomes a world of one on 127.0.0.1."""
+    deepspeed = _import_deepspeed()
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return deepspeed
+
+
+class ShardedEMA:
+    """fp32 EMA of the parameters as this rank holds them: full tensors (ZeRO 0-2) or this rank's flat partition
+    param.ds_tensor (ZeRO-3). update() is torch._foreach_lerp_, the one-process rule; full_state() gathers."""
+
+    def __init__(self, module: torch.nn.Module, stage: int):
+        self.stage = stage
+        self.named = list(module.named_parameters())
+        self.shadow = [self._local(p).detach().float().clone() for _, p in self.named]
+
+    def _local(self, p: torch.Tensor) -> torch.Tensor:
+        return p.ds_tensor if self.stage == 3 else p
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        torch._foreach_lerp_(self.shadow, [self._local(p).detach().float() for _, p in self.named], 1.0 - decay)
+
+    def shard_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: s.detach().cpu().contiguous() for (n, _), s in zip(self.named, self.shadow)}
+
+    def load_shards(self, tensors: dict[str, torch.Tensor]) -> None:
+        for i, (n, _) in enumerate(self.named):
+            if n not in tensors or tensors[n].shape != self.shadow[i].shape:
+                raise ValueError(f"EMA shard for {n!r} is missing or has another shape")
+            self.shadow[i].copy_(tensors[n])
+
+    @torch.no_grad()
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """{name: full fp32 tensor} on every rank (collective under ZeRO-3)."""
+        if self.stage < 3:
+            return {n: s.detach().cpu().clone() for (n, _), s in zip(self.named, self.shadow)}
+        out = {}
+        world = dist.get_world_size()
+        for (n, p), s in zip(self.named, self.shadow):
+            parts = [torch.empty_like(s) for _ in range(world)]
+            dist.all_gather(parts, s)
+            out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+        return out
+
+
+class DeepSpeedBackend:
+    """Drives a DeepSpeed engine for the training loop (see train.LocalBackend for the one-process twin)."""
+
+    def __init__(self, cfg, model: torch.nn.Module, device: torch.device):
+        deepspeed = init_process_group(device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.is_main = self.rank == 0
+        ds = resolve_ds_config(load_ds_config(cfg.train.deepspeed), cfg, self.world_size, device.type)
+        self.ds_config, self.stage = ds, zero_stage(ds)
+        self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
+        oc = cfg.optim
+        opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
+                                weight_decay=oc.weight_decay, fused=device.type == "cuda")
+        # DeepSpeed's setup must not move the RNG: the step draws have to match a one-process run
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        self.module = self.engine  # what the objective calls: the engine's forward
+        self.ema = ShardedEMA(self.engine.module, self.stage)
+        self.device = device
+
+    # ---- the step ----
+    def shards(self, n: int) -> list[tuple[int, int]]:
+        """This rank's rows of the global batch of n, as `accum` micro-batches."""
+        if n != self.micro * self.accum * self.world_size:
+            raise ConfigError(f"global batch {n} != micro {self.micro} x accumulation {self.accum} x {self.world_size}")
+        base = self.rank * self.micro * self.accum
+        return [(base + k * self.micro, base + (k + 1) * self.micro) for k in range(self.accum)]
+
+    def backward(self, loss: torch.Tensor, first: bool) -> None:
+        self.engine.backward(loss)  # scales by 1/accumulation; averages gradients over ranks at the boundary
+        self._norm = None
+        if self.stage == 0 and self.engine.is_gradient_accumulation_boundary():
+            # ZeRO-0 in fp32 clips with torch's clip_grad_norm_ and keeps no norm: measure the averaged gradients
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.engine.step()  # steps (and clips) only at the accumulation boundary
+
+    def step(self) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = self._norm
+        return torch.tensor(float("nan") if norm is None else float(norm))
+
+    def ema_update(self, decay: float) -> None:
+        self.ema.update(decay)
+
+    def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().to(self.device).clone()
+        dist.all_reduce(t)
+        return t / self.world_size
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    # ---- weights ----
+    def full_state_dicts(self) -> tuple[Optional[dict], Optional[dict]]:
+        """(model, EMA) consolidated fp32 state dicts on rank 0 (None elsewhere); collective."""
+        if self.stage == 3:
+            model_sd = self.engine._zero3_consolidated_16bit_state_dict()  # gathers to rank 0 (fp32 in fp32 runs)
+        else:
+            model_sd = self.engine.module.state_dict()
+        ema = self.ema.full_state()
+        if not self.is_main:
+            return None, None
+        model_sd = {k: v.detach().float().cpu().clone() for k, v in model_sd.items()}
+        ema_sd = {k: (ema[k] if k in ema else v).clone() for k, v in model_sd.items()}  # buffers come from the model
+        return model_sd, ema_sd
