@@ -3,6 +3,7 @@
   dumo train --config configs/digits.yaml [--dry-run] [--section.key=value ...]
   dumo sample --run runs/digits [--method u2] [--labels 0,1,2] [--seed 0] [--out grid.png]
   dumo eval --run runs/digits [--section.key=value ...]
+  dumo plan-memory --model DiT-XL/2 --zero 2 --gpus 8 --micro-batch 32 [--gpu-mem-gib 80] [--precision bf16]
 """
 from __future__ import annotations
 
@@ -50,6 +51,12 @@ def cmd_train(args, overrides) -> int:
     from .train import train
 
     result = train(cfg)
+    if cfg.train.deepspeed:  # every rank is done communicating: close the process group in step
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
     if result.rank != 0:  # DeepSpeed: rank 0 samples and scores the consolidated weights
         return 0
     if cfg.eval.at_end and cfg.data.dataset == "digits":
@@ -95,6 +102,28 @@ def cmd_eval(args, overrides) -> int:
     return 0
 
 
+def cmd_plan_memory(args, overrides) -> int:
+    from .distributed.memory import format_plan, plan
+    from .models import DIT_SIZES
+
+    if overrides:
+        raise ConfigError(f"plan-memory takes no --section.key overrides, got {' '.join(overrides)}")
+    if args.model not in DIT_SIZES:
+        raise ConfigError(f"--model: unknown model {args.model!r}; known: {', '.join(DIT_SIZES)}")
+    if args.zero is not None and args.zero not in (0, 1, 2, 3):
+        raise ConfigError(f"--zero: {args.zero} is not one of 0, 1, 2, 3")
+    for key in ("gpus", "micro_batch"):
+        if getattr(args, key) < 1:
+            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.gpu_mem_gib <= 0:
+        raise ConfigError(f"--gpu-mem-gib must be > 0, got {args.gpu_mem_gib}")
+    n, act, plans = plan(args.model, args.gpus, args.micro_batch, args.precision, args.input_size, args.in_channels,
+                         args.num_classes)
+    print(format_plan(args.model, args.gpus, args.micro_batch, args.gpu_mem_gib, args.precision, n, act, plans,
+                      highlight=args.zero))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="dumo", description="DuMo training and sampling engine")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -109,6 +138,16 @@ def main(argv=None) -> int:
     s.add_argument("--out")
     e = sub.add_parser("eval", help="score a run's latest checkpoint (digits)")
     e.add_argument("--run", required=True)
+    m = sub.add_parser("plan-memory", help="predicted per-GPU memory for each ZeRO stage, and which fit")
+    m.add_argument("--model", default="DiT-XL/2")
+    m.add_argument("--zero", type=int, default=None, help="the stage to mark (all four are printed)")
+    m.add_argument("--gpus", type=int, default=8)
+    m.add_argument("--micro-batch", type=int, default=32, help="images per GPU per micro-step")
+    m.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    m.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    m.add_argument("--input-size", type=int, default=32, help="latent side (SD-VAE: 256 px -> 32)")
+    m.add_argument("--in-channels", type=int, default=4)
+    m.add_argument("--num-classes", type=int, default=1000)
     args, rest = p.parse_known_args(argv)
     rest = [a for a in rest if not a.startswith("--local_rank")]  # the deepspeed launcher adds it; LOCAL_RANK is set too
     overrides = [a for a in rest if a.startswith("--") and "=" in a]
@@ -116,7 +155,8 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unrecognised arguments: {' '.join(unknown)} (overrides look like --section.key=value)")
     try:
-        return {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval}[args.cmd](args, overrides)
+        cmds = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plan-memory": cmd_plan_memory}
+        return cmds[args.cmd](args, overrides)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

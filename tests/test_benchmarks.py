@@ -50,3 +50,17 @@ def test_bench_rowwise_cpu_smoke(tmp_path):
     assert [(r["op"], r["impl"]) for r in rows] == [(op, impl) for op in ops for impl in ("pytorch", "cpp")]
     assert all(r["timing"]["median_ms"] > 0 and r["bytes_moved"] > 0 for r in rows)
     assert all(r["ref_ms"] for r in rows if r["impl"] == "cpp")
+
+
+def test_bench_zero_cpu_smoke(tmp_path):
+    """bench_zero launches DDP and a ZeRO stage on 2 CPU ranks and records img/s and peak memory for each."""
+    import json
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_zero.py"), "--ranks", "2", "--model", "DiT-tiny",
+           "--batch", "4", "--steps", "1", "--variants", "ddp,zero3", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    assert [r["impl"] for r in rows] == ["ddp", "zero3"], res.stdout[-3000:]
+    assert all(r["extra"]["img_s"] > 0 and r["extra"]["peak_rss_gib"] > 0 and r["extra"]["ranks"] == 2 for r in rows)
+    assert rows[1]["ref_ms"] == rows[0]["timing"]["median_ms"]
