@@ -127,6 +127,27 @@ def test_resume_on_two_ranks_matches_uninterrupted(stage, tmp_path):
 
 @needs_ds
 @pytest.mark.slow
+def test_damaged_shard_falls_back_to_the_previous_checkpoint(tmp_path):
+    """A DeepSpeed shard of the newest checkpoint is corrupted: the resume skips that checkpoint (sha256), says so,
+    continues from the previous one, and ends where the uninterrupted run ended."""
+    _train(tmp_path / "full", 2, 2)
+    run = tmp_path / "hit"
+    _train(run, 2, 2)
+    shard_dir = run / "checkpoints" / f"step_{STEPS:08d}" / "deepspeed" / "ds"
+    shard = sorted(shard_dir.iterdir())[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    res = _train(run, 2, 2)
+    assert "skipped a damaged checkpoint" in res.stdout and "fails its sha256 check" in res.stdout
+    assert "step_00000002 at step 2" in res.stdout
+    for wa, wb in zip(_weights(tmp_path / "full"), _weights(run)):
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), k
+
+
+@needs_ds
+@pytest.mark.slow
 def test_export_loads_and_samples_in_one_process(tmp_path):
     """The consolidated weights of a ZeRO-3 run load into a plain model and `dumo sample` works on one process;
     resuming it without DeepSpeed is refused with a message that says why."""
