@@ -106,6 +106,11 @@ def worker(args) -> None:
                                       "img_s": args.batch / med, "peak_gib": t.item() / 2**30}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+    # leave without interpreter teardown: after gloo/DeepSpeed it intermittently aborts ("terminate called without
+    # an active exception"), which torchrun would report as a failed rank (see dumo_engine/cli.py _HARD_EXIT)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:
@@ -138,7 +143,9 @@ def main() -> None:
         res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
         line = [ln for ln in res.stdout.splitlines() if ln.startswith("RESULT ")]
         if res.returncode != 0 or not line:
-            print(f"[bench_zero] {v} failed (exit {res.returncode}):\n{res.stderr[-3000:]}")
+            cause = [ln for ln in res.stderr.splitlines() if any(k in ln for k in ("terminate", "what()", "Error", "rror:"))]
+            print(f"[bench_zero] {v} failed (exit {res.returncode}, result line printed: {bool(line)}):\n"
+                  + "\n".join(cause[:20]) + "\n" + res.stderr[-1500:])
             continue
         r = json.loads(line[0][len("RESULT "):])
         ddp_ms = r["median_ms"] if v == "ddp" else ddp_ms

@@ -36,6 +36,12 @@ def _load_run(run_dir: str, overrides=()):
     return cfg, model.eval(), ck["step"]
 
 
+# Set by a DeepSpeed run: the process leaves through os._exit once its files are closed. Interpreter teardown after a
+# gloo/DeepSpeed run intermittently aborts ("terminate called without an active exception": a C++ thread object
+# destroyed while joinable), which the launcher reports as a failed rank although the run had finished.
+_HARD_EXIT = False
+
+
 def cmd_train(args, overrides) -> int:
     cfg = load_config(args.config, overrides)
     if args.dry_run:
@@ -57,6 +63,8 @@ def cmd_train(args, overrides) -> int:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+        global _HARD_EXIT
+        _HARD_EXIT = True
     if result.rank != 0:  # DeepSpeed: rank 0 samples and scores the consolidated weights
         return 0
     if cfg.eval.at_end and cfg.data.dataset == "digits":
@@ -156,7 +164,12 @@ def main(argv=None) -> int:
         p.error(f"unrecognised arguments: {' '.join(unknown)} (overrides look like --section.key=value)")
     try:
         cmds = {"train": cmd_train, "sample": cmd_sample, "eval": cmd_eval, "plan-memory": cmd_plan_memory}
-        return cmds[args.cmd](args, overrides)
+        rc = cmds[args.cmd](args, overrides)
+        if _HARD_EXIT:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(rc)
+        return rc
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

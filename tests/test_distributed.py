@@ -53,12 +53,15 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _train(out_dir, ranks: int, stage=None, steps=STEPS, extra=(), check=True):
+def _train(out_dir, ranks: int, stage=None, steps=STEPS, extra=(), check=True, launcher="torchrun"):
     args = [*RUN, f"--train.out_dir={out_dir}", f"--train.steps={steps}", *extra]
     if stage is not None:
         args.append(f"--train.deepspeed={os.path.join(DS_DIR, f'zero{stage}.json')}")
     if ranks == 1:
         cmd = [sys.executable, "-m", "dumo_engine.cli", "train", *args]
+    elif launcher == "deepspeed":  # it passes --local_rank=N to each process
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--num_gpus={ranks}", f"--master_port={_port()}",
+               "--module", "dumo_engine.cli", "train", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "--master_addr=127.0.0.1",
                f"--master_port={_port()}", "-m", "dumo_engine.cli", "train", *args]
@@ -107,6 +110,14 @@ def test_two_ranks_match_one_process(stage, one_process_run, tmp_path):
     _train(tmp_path / "ds", 2, stage, extra=extra)
     state = json.load(open(tmp_path / "ds" / "checkpoints" / f"step_{STEPS:08d}" / "state.json"))
     assert state["kind"] == "deepspeed" and state["zero_stage"] == stage and state["world_size"] == 2
+    _assert_same_run(one_process_run, tmp_path / "ds", atol=1e-6)
+
+
+@needs_ds
+@pytest.mark.slow
+def test_deepspeed_launcher(one_process_run, tmp_path):
+    """The same run under the deepspeed launcher (which adds --local_rank) instead of torchrun."""
+    _train(tmp_path / "ds", 2, 2, launcher="deepspeed")
     _assert_same_run(one_process_run, tmp_path / "ds", atol=1e-6)
 
 

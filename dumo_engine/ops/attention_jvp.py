@@ -37,7 +37,8 @@ no CUDA and no interpreter, fp64, head dim > 256, or DUMO_ATTN_JVP_IMPL=torch) t
 (math SDPA + attention_tangent) with one warning naming the fallback.
 Tuning: DUMO_ATTN_JVP_BLOCKS="BLOCK_M,BLOCK_N,num_warps,num_stages" overrides the block heuristic.
 """
-from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
+# kernel annotations stay strings: the module imports without triton
+from __future__ import annotations
 
 import math
 import os
@@ -46,6 +47,8 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+
+from ._triton_jit import interpret, jitted
 
 try:  # optional dependency: pip install 'dumo-engine[triton]'
     import triton
@@ -267,20 +270,8 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------
 # host launcher
 # ---------------------------------------------------------------------------------------------------
-# (kernel name, interpreter flag) -> jitted kernel. triton.jit picks interpreter or compiler when it decorates,
-# so kernels are jitted lazily: TRITON_INTERPRET may be set after this module is imported.
-_JIT_CACHE: dict = {}
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def _jitted(fn):
-    key = (fn.__name__, _interpret())
-    if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = triton.jit(fn)
-    return _JIT_CACHE[key]
+# kernels are jitted lazily (TRITON_INTERPRET may be set after import): see _triton_jit.py
+_interpret, _jitted = interpret, jitted
 
 
 def _block_config(block_d: int, interpret: bool, elem_size: int) -> tuple[int, int, int, int]:

@@ -34,10 +34,11 @@ float64 for checks; these kernels are float32-math only).
 # kernel annotations stay strings: the module imports without triton
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
+
+from ._triton_jit import interpret, jitted
 
 try:  # optional dependency: pip install 'dumo-engine[triton]'
     import triton
@@ -259,20 +260,8 @@ def _colsum_kernel(
 # ---------------------------------------------------------------------------------------------------
 # host side: jitting, block configs, checks
 # ---------------------------------------------------------------------------------------------------
-# (kernel name, interpreter flag) -> jitted kernel. triton.jit picks interpreter or compiler when it decorates,
-# so kernels are jitted lazily: TRITON_INTERPRET may be set after this module is imported.
-_JIT_CACHE: dict = {}
-
-
-def _interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
-def _jitted(fn):
-    key = (fn.__name__, _interpret())
-    if key not in _JIT_CACHE:
-        _JIT_CACHE[key] = triton.jit(fn)
-    return _JIT_CACHE[key]
+# kernels are jitted lazily (TRITON_INTERPRET may be set after import): see _triton_jit.py
+_interpret, _jitted = interpret, jitted
 
 
 def _cdiv(a: int, b: int) -> int:  # plain Python: triton.cdiv is a constexpr_function, slow to call on the host
