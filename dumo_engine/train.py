@@ -150,6 +150,9 @@ class LocalBackend:
     def barrier(self) -> None:
         pass
 
+    def on_main(self, fn):
+        return fn()
+
     def save(self, run_dir: str, step: int, meta: dict, keep: int) -> None:
         ckpt_io.save_checkpoint(run_dir, step, self.model, self.ema, self.opt, meta=meta, keep=keep)
 
@@ -211,9 +214,12 @@ def _flops_per_img(cfg: RunConfig, backend, objective, x, y) -> float:
 def train(cfg: RunConfig) -> TrainResult:
     tc, oc = cfg.train, cfg.optim
     device = resolve_device(tc.device)
+    if tc.deepspeed and device.type == "cuda":  # one GPU per rank, chosen before anything touches CUDA
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
-    run_dir = tc.out_dir
+    run_dir = os.path.abspath(tc.out_dir)  # ranks exchange paths: make them independent of each one's cwd
     log_path = os.path.join(run_dir, "log.jsonl")
     torch.manual_seed(tc.seed)
     model = build_model_from_config(cfg).to(device)
@@ -224,22 +230,28 @@ def train(cfg: RunConfig) -> TrainResult:
         objective.jvp_backend = "fused"  # the one JVP path that runs through the engine's forward
     backend = make_backend(cfg, model, device)  # under DeepSpeed: joins the process group, shards the model
     main = backend.is_main
-    if main:
+
+    def prepare_run_dir():
         os.makedirs(run_dir, exist_ok=True)
         if not tc.resume:
             _archive_previous(run_dir)
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
-    backend.barrier()
+
+    backend.on_main(prepare_run_dir)  # rank 0 writes; a failure there stops every rank
     data = DigitsData.from_config(cfg.data, tc.batch_size, tc.seed, device)
 
     step, path, skipped = backend.resume(run_dir) if tc.resume else (0, None, [])
-    for msg in skipped:
-        print(f"warning: skipped a damaged checkpoint: {msg}")
-    if main and path is not None:
-        _trim_log(log_path, step)
-        print(f"resumed from {path} at step {step}")
-    elif main and os.path.exists(log_path):
-        os.remove(log_path)
+
+    def report_resume():
+        for msg in skipped:
+            print(f"warning: skipped a damaged checkpoint: {msg}")
+        if path is not None:
+            _trim_log(log_path, step)
+            print(f"resumed from {path} at step {step}")
+        elif os.path.exists(log_path):
+            os.remove(log_path)
+
+    backend.on_main(report_resume)
 
     with torch.device("meta"):  # the full count (ZeRO-3 leaves each rank a partition)
         n_params = sum(p.numel() for p in build_model_from_config(cfg).parameters())

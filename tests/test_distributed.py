@@ -115,6 +115,20 @@ def test_two_ranks_match_one_process(stage, one_process_run, tmp_path):
 
 @needs_ds
 @pytest.mark.slow
+def test_zero3_with_every_parameter_partitioned(one_process_run, tmp_path):
+    """DiT-tiny's parameters are all under zero3.json's persistence threshold (kept whole on every rank); with the
+    threshold at 0 every parameter is partitioned, gathered for the forward and the sharded EMA, and the run still
+    equals the one-process run."""
+    cfg = json.load(open(os.path.join(DS_DIR, "zero3.json")))
+    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3_all.json"
+    path.write_text(json.dumps(cfg))
+    _train(tmp_path / "ds", 2, None, extra=[f"--train.deepspeed={path}"])
+    _assert_same_run(one_process_run, tmp_path / "ds", atol=1e-6)
+
+
+@needs_ds
+@pytest.mark.slow
 def test_deepspeed_launcher(one_process_run, tmp_path):
     """The same run under the deepspeed launcher (which adds --local_rank) instead of torchrun."""
     _train(tmp_path / "ds", 2, 2, launcher="deepspeed")
@@ -207,10 +221,25 @@ def test_shipped_configs_resolve():
     ({"train_micro_batch_size_per_gpu": 2}, [], 2, r"train_micro_batch_size_per_gpu: 2 .* contradicts"),
     ({"optimizer": {"type": "Adam"}}, [], 2, r"optimizer: not supported here"),
     ({"fp16": {"enabled": True}}, [], 2, r"fp16.enabled: fp16 training is not supported"),
+    ({"bf16": {"enabled": True}}, [], 2, r"bf16.enabled: True contradicts the run \(train.precision=bf16 on cpu"),
+    ({"bf16": None}, [], 2, r"bf16 must be an object"),
+    ({"bfloat16": {"enabled": True}}, [], 2, r"bfloat16: use the \"bf16\" section"),
+    ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, [], 2,
+     r"zero_optimization.offload_param: not supported here"),
+    ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, [], 2,
+     r"zero_optimization.offload_optimizer: not supported here"),
+    ({"checkpoint": {"use_node_local_storage": True}}, [], 2, r"checkpoint: not supported here"),
 ])
 def test_bad_deepspeed_config_names_the_key(ds, over, world, match):
     with pytest.raises(DeepSpeedConfigError, match=match):
         resolve_ds_config(ds, _cfg(*over), world, "cpu")
+
+
+def test_numbers_take_the_runs_type():
+    """A JSON 4.0 that agrees with the run is accepted and stored as the run's int (DeepSpeed and the shard
+    arithmetic need ints)."""
+    ds = resolve_ds_config({"train_micro_batch_size_per_gpu": 4.0, "train_batch_size": 8}, _cfg(), 2, "cpu")
+    assert ds["train_micro_batch_size_per_gpu"] == 4 and isinstance(ds["train_micro_batch_size_per_gpu"], int)
 
 
 def test_micro_batch_needs_deepspeed_and_func_jvp_is_refused():

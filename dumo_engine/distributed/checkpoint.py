@@ -9,9 +9,12 @@
     state.json                             {"kind": "deepspeed", "zero_stage", "world_size", "step", "files": ...}
 
 All ranks write into one temporary directory (shared filesystem across nodes, as DeepSpeed requires); after a
-barrier rank 0 records sizes and hashes, renames it into place and moves `latest`. A save killed at any point leaves
-the previous checkpoint and pointer intact. DeepSpeed reads its shard files with torch.load (pickle): the engine lets
-it read only shards whose sha256 matches what this engine recorded when it wrote them (checked before loading).
+barrier each rank fsyncs and hashes its share of the files, and rank 0 renames the directory into place and moves
+`latest` (a failure there is raised on every rank, so none waits in a collective). A save killed at any point leaves
+the previous checkpoint and pointer intact. DeepSpeed reads its shard files with torch.load (pickle). Before it does,
+every file's sha256 must match state.json: that catches truncation and corruption, but it is no defence against
+someone who can write the run directory (they can rewrite state.json too): only resume from run directories you
+trust.
 Resuming needs the same ZeRO stage and world size (DeepSpeed's partitions are per rank).
 """
 from __future__ import annotations
@@ -35,12 +38,7 @@ def _rank_file(kind: str, rank: int) -> str:
 def save_ds_checkpoint(run_dir: str, step: int, backend, meta: Optional[dict] = None, keep: int = 2) -> Optional[str]:
     """Collective: every rank calls it. Returns the checkpoint directory on rank 0, None elsewhere."""
     rank = backend.rank
-    tmp_box = [None]
-    if backend.is_main:
-        root, name, tmp = ckpt_io.stage_dir(run_dir, step)
-        tmp_box = [(root, name, tmp)]
-    dist.broadcast_object_list(tmp_box, src=0)  # a path string between our own ranks
-    root, name, tmp = tmp_box[0]
+    root, name, tmp = backend.on_main(lambda: ckpt_io.stage_dir(run_dir, step))  # paths broadcast to every rank
     backend.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, client_state={"dumo_step": step},
                                    save_latest=False)
     model_sd, ema_sd = backend.full_state_dicts()  # collective gather to rank 0
@@ -51,29 +49,26 @@ def save_ds_checkpoint(run_dir: str, step: int, backend, meta: Optional[dict] = 
         save_file(model_sd, os.path.join(tmp, "model.safetensors"))
         save_file(ema_sd, os.path.join(tmp, "ema.safetensors"))
     backend.barrier()
-    final = None
-    if backend.is_main:
-        files = {}
-        for dirpath, _, names in os.walk(tmp):
-            for fname in sorted(names):
-                path = os.path.join(dirpath, fname)
-                files[os.path.relpath(path, tmp)] = ckpt_io.file_record(path)
-        state = {"format": ckpt_io.FORMAT_VERSION, "kind": "deepspeed", "step": step, "files": files,
-                 "zero_stage": backend.stage, "world_size": backend.world_size, "meta": meta or {}}
-        final = ckpt_io.publish(root, name, tmp, state, keep)
-    backend.barrier()
-    return final
+    # every rank fsyncs and hashes its share of the files (in parallel); rank 0 collects the records and publishes
+    paths = sorted(os.path.join(d, f) for d, _, names in os.walk(tmp) for f in names)
+    mine = {os.path.relpath(p, tmp): ckpt_io.file_record(p) for p in paths[rank::backend.world_size]}
+    shares = [None] * backend.world_size
+    dist.all_gather_object(shares, mine)
+    files = {k: v for share in shares for k, v in sorted(share.items())}
+    state = {"format": ckpt_io.FORMAT_VERSION, "kind": "deepspeed", "step": step, "files": files,
+             "zero_stage": backend.stage, "world_size": backend.world_size, "meta": meta or {}}
+    final = backend.on_main(lambda: ckpt_io.publish(root, name, tmp, state, keep))
+    return final if backend.is_main else None
 
 
 def resume_ds_checkpoint(run_dir: str, backend) -> tuple[int, Optional[str], list[str]]:
     """Collective. (step, path, skipped-damaged messages): the newest checkpoint that passes every check (rank 0
     verifies, all ranks load); (0, None, ...) when there is none."""
-    box = [None, []]
-    if backend.is_main:
+    def newest():
         ck, skipped = ckpt_io.load_newest_valid(run_dir)
-        box = [None if ck is None else ck["path"], skipped]
-    dist.broadcast_object_list(box, src=0)
-    path, skipped = box
+        return None if ck is None else ck["path"], skipped
+
+    path, skipped = backend.on_main(newest)
     if path is None:
         return 0, None, skipped
     state = ckpt_io.read_state(path)

@@ -51,11 +51,10 @@ def zero_stage(ds: dict) -> int:
 
 def _fill(ds: dict, key: str, value, why: str):
     cur = ds.get(key, "auto")
-    if cur == "auto":
-        ds[key] = value
-    elif isinstance(cur, bool) or not isinstance(cur, (int, float)) or cur != value:
+    if cur != "auto" and (isinstance(cur, bool) or not isinstance(cur, (int, float)) or cur != value):
         raise DeepSpeedConfigError(f"{key}: {cur!r} in the DeepSpeed config contradicts the run ({why} gives {value}); "
                                    f"set it to \"auto\" or change the run config")
+    ds[key] = value  # the run's value and type (a JSON 4.0 becomes 4)
 
 
 def resolve_ds_config(ds: dict, cfg: RunConfig, world_size: int, device_type: str) -> dict:
@@ -69,6 +68,15 @@ def resolve_ds_config(ds: dict, cfg: RunConfig, world_size: int, device_type: st
     if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") not in (False, "auto"):
         raise DeepSpeedConfigError("fp16.enabled: fp16 training is not supported; use bf16 (train.precision=bf16)")
     ds.pop("fp16", None)
+    zero = ds.get("zero_optimization", {})
+    for key, why in (("offload_optimizer", "the engine's client AdamW runs on the GPU"),
+                     ("offload_param", "the sharded EMA reads resident partitions"),
+                     ("mics_shard_size", "the sharded EMA gathers over the whole world, not MiCS shard groups")):
+        if key in zero:
+            raise DeepSpeedConfigError(f"zero_optimization.{key}: not supported here ({why}); remove it")
+    if "checkpoint" in ds:
+        raise DeepSpeedConfigError("checkpoint: not supported here: the engine's checkpoint API needs DeepSpeed's "
+                                   "default synchronous writer to have finished every file before it hashes them")
     if world_size < 1:
         raise DeepSpeedConfigError(f"world size must be >= 1, got {world_size}")
     tc = cfg.train
@@ -85,8 +93,15 @@ def resolve_ds_config(ds: dict, cfg: RunConfig, world_size: int, device_type: st
     _fill(ds, "gradient_accumulation_steps", accum, "train.batch_size / (micro_batch x world_size)")
     _fill(ds, "train_batch_size", global_b, "train.batch_size")
     _fill(ds, "gradient_clipping", float(cfg.optim.grad_clip), "optim.grad_clip")
+    if "bfloat16" in ds:
+        raise DeepSpeedConfigError("bfloat16: use the \"bf16\" section (its enabled value follows train.precision)")
     bf16 = ds.setdefault("bf16", {"enabled": "auto"})
-    if bf16.get("enabled", "auto") == "auto":
-        bf16["enabled"] = tc.precision == "bf16" and device_type == "cuda"
+    if not isinstance(bf16, dict):
+        raise DeepSpeedConfigError(f"bf16 must be an object like {{\"enabled\": \"auto\"}}, got {bf16!r}")
+    want = tc.precision == "bf16" and device_type == "cuda"
+    if bf16.get("enabled", "auto") not in ("auto", want):
+        raise DeepSpeedConfigError(f"bf16.enabled: {bf16['enabled']!r} contradicts the run (train.precision="
+                                   f"{tc.precision} on {device_type} gives {want}); set it to \"auto\"")
+    bf16["enabled"] = want
     ds.setdefault("steps_per_print", 10**9)
     return ds

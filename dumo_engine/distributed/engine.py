@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO training backend: the engine the training loop drives when train.deepspeed names a config.
 
 Launch (one node or many; README "Scale out"):
-  deepspeed --num_gpus 8 -m dumo_engine.cli train --config C --train.deepspeed=configs/deepspeed/zero2.json
+  deepspeed --num_gpus 8 --module dumo_engine.cli train --config C --train.deepspeed=configs/deepspeed/zero2.json
   torchrun --nproc_per_node 8 -m dumo_engine.cli train --config C --train.deepspeed=configs/deepspeed/zero2.json
 Both set RANK/WORLD_SIZE/MASTER_ADDR; the process group is NCCL on CUDA and gloo on CPU.
 
@@ -145,6 +145,20 @@ class DeepSpeedBackend:
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def on_main(self, fn):
+        """fn() on rank 0 only; its result, or its exception (raised again on every rank), is broadcast, so no rank
+        is left waiting in a collective for a rank 0 that failed (filesystem errors, a damaged run directory)."""
+        box = [None, None]
+        if self.is_main:
+            try:
+                box = [fn(), None]
+            except Exception as e:  # noqa: BLE001 - every rank must learn about it, then it is raised again
+                box = [None, e]
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
 
     # ---- weights ----
     def full_state_dicts(self) -> tuple[Optional[dict], Optional[dict]]:
