@@ -4,7 +4,7 @@
   checkpoints/step_00000100/
     model.safetensors  ema.safetensors     consolidated fp32 weights (rank 0): `dumo sample` / `dumo eval` load these
     deepspeed/ds/...                       DeepSpeed's own shards (module + ZeRO optimizer partitions, every rank)
-    ema_shard_rank00000.safetensors ...    ZeRO-3: each rank's EMA partition (exact resume without a gather)
+    ema_shard_rank00000.safetensors ...    ZeRO 1-3: each rank's EMA partition (exact resume without a gather)
     rng_rank00000.safetensors ...          each rank's RNG state
     state.json                             {"kind": "deepspeed", "zero_stage", "world_size", "step", "files": ...}
 
@@ -42,7 +42,7 @@ def save_ds_checkpoint(run_dir: str, step: int, backend, meta: Optional[dict] = 
     backend.engine.save_checkpoint(os.path.join(tmp, DS_DIR), tag=DS_TAG, client_state={"dumo_step": step},
                                    save_latest=False)
     model_sd, ema_sd = backend.full_state_dicts()  # collective gather to rank 0
-    if backend.stage == 3:
+    if backend.stage > 0:  # the EMA is partitioned like the optimizer state
         save_file(backend.ema.shard_tensors(), os.path.join(tmp, _rank_file("ema_shard", rank)))
     save_file(ckpt_io.rng_state(), os.path.join(tmp, _rank_file("rng", rank)))
     if backend.is_main:
@@ -83,7 +83,7 @@ def resume_ds_checkpoint(run_dir: str, backend) -> tuple[int, Optional[str], lis
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
-    ema_file = _rank_file("ema_shard", backend.rank) if backend.stage == 3 else "ema.safetensors"
+    ema_file = _rank_file("ema_shard", backend.rank) if backend.stage > 0 else "ema.safetensors"
     backend.ema.load_shards(load_file(os.path.join(path, ema_file)))
     ckpt_io.set_rng_state(load_file(os.path.join(path, _rank_file("rng", backend.rank))))
     return int(state["step"]), path, skipped

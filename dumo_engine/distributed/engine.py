@@ -12,8 +12,8 @@ What each rank does per optimizer step (global batch B = micro x accumulation x 
     one process would, and DeepSpeed's gradient averaging makes the update the one-process update.
   - the loss goes through the DeepSpeed engine's forward, with the fused forward+JVP pass (an ordinary forward:
     nothing bypasses the wrapper, so no gradient sync is skipped); engine.backward + engine.step (which clips).
-  - EMA: fp32, of the parameters as this rank holds them: full tensors under ZeRO 0-2, this rank's partition
-    (param.ds_tensor) under ZeRO-3 (no communication per step; gathered only for export).
+  - EMA: fp32, of DeepSpeed's fp32 master weights, for the part this rank owns (ZeRO 1-3: its optimizer
+    partition; ZeRO-0: whole); no communication per step, gathered only for export and checkpoints.
   - metrics are averaged over ranks at log time; only rank 0 writes logs, config, samples and checkpoint pointers.
 """
 from __future__ import annotations
@@ -54,41 +54,65 @@ def init_process_group(device: torch.device):
 
 
 class ShardedEMA:
-    """fp32 EMA of the parameters as this rank holds them: full tensors (ZeRO 0-2) or this rank's flat partition
-    param.ds_tensor (ZeRO-3). update() is torch._foreach_lerp_, the one-process rule; full_state() gathers."""
+    """fp32 EMA of DeepSpeed's fp32 master weights, kept for the part of each parameter this rank owns:
+      ZeRO-0       the whole parameter (the module's weights: fp32 runs keep no separate master)
+      ZeRO-1/2     this rank's fragment of the flat fp32 partition (param._hp_mapping; ranks owning none keep none)
+      ZeRO-3       this rank's fp32 partition of the parameter (safe_get_local_fp32_param; layout of ds_tensor)
+    update() is torch._foreach_lerp_, the one-process rule, with no communication; full_state() gathers."""
 
     def __init__(self, module: torch.nn.Module, stage: int):
         self.stage = stage
         self.named = list(module.named_parameters())
-        self.shadow = [self._local(p).detach().float().clone() for _, p in self.named]
+        self.shadow = [None if (src := self._source(p)) is None else src.detach().float().clone()
+                       for _, p in self.named]
 
-    def _local(self, p: torch.Tensor) -> torch.Tensor:
-        return p.ds_tensor if self.stage == 3 else p
+    def _source(self, p: torch.Tensor):
+        """The fp32 tensor this rank averages for parameter p (a live view of the optimizer's master copy)."""
+        if self.stage == 3:
+            from deepspeed.utils import safe_get_local_fp32_param
+
+            return safe_get_local_fp32_param(p)
+        if self.stage in (1, 2):
+            mapping = getattr(p, "_hp_mapping", None)
+            return None if mapping is None else mapping.get_hp_fragment()
+        return p
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
-        torch._foreach_lerp_(self.shadow, [self._local(p).detach().float() for _, p in self.named], 1.0 - decay)
+        pairs = [(s, self._source(p)) for s, (_, p) in zip(self.shadow, self.named) if s is not None]
+        if pairs:
+            torch._foreach_lerp_([s for s, _ in pairs], [src.detach().float() for _, src in pairs], 1.0 - decay)
 
     def shard_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: s.detach().cpu().contiguous() for (n, _), s in zip(self.named, self.shadow)}
+        return {n: s.detach().cpu().contiguous() for (n, _), s in zip(self.named, self.shadow) if s is not None}
 
     def load_shards(self, tensors: dict[str, torch.Tensor]) -> None:
-        for i, (n, _) in enumerate(self.named):
-            if n not in tensors or tensors[n].shape != self.shadow[i].shape:
+        for (n, _), s in zip(self.named, self.shadow):
+            if s is None:
+                continue
+            if n not in tensors or tensors[n].shape != s.shape:
                 raise ValueError(f"EMA shard for {n!r} is missing or has another shape")
-            self.shadow[i].copy_(tensors[n])
+            s.copy_(tensors[n])
 
     @torch.no_grad()
     def full_state(self) -> dict[str, torch.Tensor]:
-        """{name: full fp32 tensor} on every rank (collective under ZeRO-3)."""
-        if self.stage < 3:
-            return {n: s.detach().cpu().clone() for (n, _), s in zip(self.named, self.shadow)}
+        """{name: full fp32 tensor} on every rank (collective for ZeRO 1-3)."""
         out = {}
+        if self.stage == 0:
+            return {n: s.detach().cpu().clone() for (n, _), s in zip(self.named, self.shadow)}
         world = dist.get_world_size()
         for (n, p), s in zip(self.named, self.shadow):
-            parts = [torch.empty_like(s) for _ in range(world)]
-            dist.all_gather(parts, s)
-            out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+            if self.stage == 3:
+                parts = [torch.empty_like(s) for _ in range(world)]
+                dist.all_gather(parts, s)
+                out[n] = torch.cat(parts)[:p.ds_numel].view(p.ds_shape).cpu()
+            else:  # fragments of the flattened parameter: place ours, sum over ranks (as get_full_hp_param does)
+                full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                if s is not None:
+                    addr = p._hp_mapping.lp_fragment_address
+                    full.narrow(0, addr.start, addr.numel).copy_(s)
+                dist.all_reduce(full)
+                out[n] = full.view(p.shape).cpu()
         return out
 
 
@@ -100,7 +124,7 @@ class DeepSpeedBackend:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         ds = resolve_ds_config(load_ds_config(cfg.train.deepspeed), cfg, self.world_size, device.type)
-        self.ds_config, self.stage = ds, zero_stage(ds)
+        self.cfg, self.ds_config, self.stage = cfg, ds, zero_stage(ds)
         self.micro, self.accum = ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]
         oc = cfg.optim
         opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
@@ -162,14 +186,22 @@ class DeepSpeedBackend:
 
     # ---- weights ----
     def full_state_dicts(self) -> tuple[Optional[dict], Optional[dict]]:
-        """(model, EMA) consolidated fp32 state dicts on rank 0 (None elsewhere); collective."""
-        if self.stage == 3:
-            model_sd = self.engine._zero3_consolidated_16bit_state_dict()  # gathers to rank 0 (fp32 in fp32 runs)
-        else:
-            model_sd = self.engine.module.state_dict()
+        """(model, EMA) consolidated fp32 state dicts on rank 0 (None elsewhere); collective. Parameters come from
+        DeepSpeed's fp32 master copy (ZeRO 1-3; ZeRO-0 from the module), buffers from a freshly built model (the
+        module's are in the training dtype)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        from ..train import build_model_from_config
+
+        params = {}
+        for n, p in self.engine.module.named_parameters():
+            full = safe_get_full_fp32_param(p) if self.stage > 0 else None  # collective
+            params[n] = (p if full is None else full).detach().float().cpu().clone()
         ema = self.ema.full_state()
         if not self.is_main:
             return None, None
-        model_sd = {k: v.detach().float().cpu().clone() for k, v in model_sd.items()}
-        ema_sd = {k: (ema[k] if k in ema else v).clone() for k, v in model_sd.items()}  # buffers come from the model
+        with torch.random.fork_rng(devices=[]), torch.device("cpu"):  # rank 0 alone: must not move its RNG
+            fresh = build_model_from_config(self.cfg)
+        model_sd = {k: params.get(k, v.detach().float().cpu().clone()) for k, v in fresh.state_dict().items()}
+        ema_sd = {k: (ema[k] if k in ema else v).clone() for k, v in model_sd.items()}
         return model_sd, ema_sd

@@ -4,8 +4,8 @@ Model state per parameter (P parameters, G data-parallel GPUs), the ZeRO paper's
   bf16 (DeepSpeed bf16): weights 2 B, gradients 2 B, optimizer 12 B (fp32 master 4 + Adam m 4 + v 4)
   fp32:                  weights 4 B, gradients 4 B, optimizer 8 B (Adam m, v; the weights are the master)
   ZeRO-0 keeps all of it on every GPU; ZeRO-1 partitions the optimizer state over G; ZeRO-2 also the gradients;
-  ZeRO-3 also the weights. The engine's EMA is fp32 (4 B): full on every GPU under ZeRO 0-2, partitioned under
-  ZeRO-3 (distributed.engine.ShardedEMA).
+  ZeRO-3 also the weights. The engine's EMA is fp32 (4 B): full on every GPU under ZeRO-0, partitioned like the
+  optimizer state under ZeRO 1-3 (distributed.engine.ShardedEMA).
 Activations: the bytes autograd saves for backward per image, counted on the meta device (no memory, no compute)
 for the plain forward (flow matching) and for the fused DuMo forward+JVP pass (whose tangent saves nothing), times
 the micro-batch. The meta device runs attention through the math path, which saves the T x T scores; the flash and
@@ -47,7 +47,7 @@ def model_state_bytes(n_params: int, stage: int, gpus: int, precision: str = "bf
     b = BYTES[precision]
     shard = {"optimizer": stage >= 1, "grads": stage >= 2, "weights": stage >= 3}
     out = {k: n_params * b[k] / (gpus if shard[k] else 1) for k in ("weights", "grads", "optimizer")}
-    out["ema"] = n_params * 4 / (gpus if stage == 3 else 1)
+    out["ema"] = n_params * 4 / (gpus if stage >= 1 else 1)  # partitioned like the optimizer state
     return out
 
 
