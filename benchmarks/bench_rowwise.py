@@ -19,7 +19,6 @@ import os
 import sys
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -35,26 +34,13 @@ SHAPES = {"B/2": (256, 768), "XL/2": (256, 1152)}  # (T, D)
 OPS = ["ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "ln_dual_fwd", "ln_dual_bwd", "gated_fwd", "gated_jvp", "gated_bwd"]
 
 
-# the reference expressions (what the engine computed before the row-wise ops)
-def ln_mod_expr(x, shift, scale):
-    return F.layer_norm(x, x.shape[-1:], eps=EPS) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def ln_dual_expr(x, sv, cv, su, cu):
-    n = F.layer_norm(x, x.shape[-1:], eps=EPS)
-    return n * (1 + cv.unsqueeze(1)) + sv.unsqueeze(1), n * (1 + cu.unsqueeze(1)) + su.unsqueeze(1)
+# the reference expressions (what the engine computed before the row-wise ops), from the reference module
+ln_mod_expr, ln_dual_expr = ref.model_ln_mod, ref.model_ln_dual
+gated_expr, gated_jvp_expr = ref.model_gated, ref.model_gated_jvp
 
 
 def ln_jvp_expr(x, x_dot, scale, shift_dot, scale_dot):
     return layernorm_modulate_tangent(x, x_dot, scale, shift_dot, scale_dot, EPS)
-
-
-def gated_expr(x, g, h):
-    return x + g.unsqueeze(1) * h
-
-
-def gated_jvp_expr(x_dot, g, g_dot, h, h_dot):
-    return x_dot + g_dot.unsqueeze(1) * h + g.unsqueeze(1) * h_dot
 
 
 def make_inputs(N, T, D, tx, tm, device):

@@ -166,45 +166,16 @@ class LocalBackend:
         return self.model, self.ema
 
 
-class _DeepSpeedLoop:
-    """Adapter giving DeepSpeedBackend the loop's save/resume/final_models (kept here so the loop reads the same)."""
-
-    def __init__(self, backend, cfg: RunConfig):
-        self.b, self.cfg = backend, cfg
-
-    def __getattr__(self, name):
-        return getattr(self.b, name)
-
-    def save(self, run_dir, step, meta, keep):
-        from .distributed.checkpoint import save_ds_checkpoint
-
-        save_ds_checkpoint(run_dir, step, self.b, meta=meta, keep=keep)
-
-    def resume(self, run_dir):
-        from .distributed.checkpoint import resume_ds_checkpoint
-
-        return resume_ds_checkpoint(run_dir, self.b)
-
-    def final_models(self):
-        model_sd, ema_sd = self.b.full_state_dicts()
-        if not self.b.is_main:
-            return None, None
-        model, ema = build_model_from_config(self.cfg), build_model_from_config(self.cfg)
-        model.load_state_dict(model_sd)
-        ema.load_state_dict(ema_sd)
-        return model.eval(), ema.requires_grad_(False).eval()
-
-
 def make_backend(cfg: RunConfig, model: torch.nn.Module, device: torch.device):
     if not cfg.train.deepspeed:
         return LocalBackend(cfg, model, device)
     from .distributed.engine import DeepSpeedBackend
 
-    return _DeepSpeedLoop(DeepSpeedBackend(cfg, model, device), cfg)
+    return DeepSpeedBackend(cfg, model, device)
 
 
 def _flops_per_img(cfg: RunConfig, backend, objective, x, y) -> float:
-    if backend.world_size == 1 and not cfg.train.deepspeed:
+    if not cfg.train.deepspeed:
         return measure_step_flops(backend.module, objective, x, y)
     with torch.device("meta"):  # sharded parameters cannot run outside the engine: count on a meta-device copy
         meta_model = build_model_from_config(cfg)

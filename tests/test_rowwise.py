@@ -13,7 +13,6 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from dumo_engine.ops import rowwise as rw
 from dumo_engine.ops import rowwise_ref as ref
@@ -84,13 +83,8 @@ def check(name, got, truth, pt, dtype):
         assert err <= 2 * pt_err + 1e-4, f"{name} {dtype}: err {err:.3g} > 2x PyTorch's {pt_err:.3g}"
 
 
-# plain model expressions (what the engine computed before these ops), evaluated in any dtype
-def ln_mod_expr(x, shift, scale, eps=1e-6):
-    return F.layer_norm(x, x.shape[-1:], eps=eps) * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
-
-
-def gated_expr(x, g, h):
-    return x + g.unsqueeze(1) * h
+# the plain model expressions, evaluated in any dtype (the reference module's, shared with the benchmark)
+ln_mod_expr, gated_expr = ref.model_ln_mod, ref.model_gated
 
 
 def d64(*ts):

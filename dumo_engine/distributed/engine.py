@@ -157,7 +157,9 @@ class DeepSpeedBackend:
         norm = self.engine.get_global_grad_norm()
         if norm is None:
             norm = self._norm
-        return torch.tensor(float("nan") if norm is None else float(norm))
+        if norm is None:
+            return torch.tensor(float("nan"))
+        return norm if isinstance(norm, torch.Tensor) else torch.tensor(norm)  # no host sync for a tensor norm
 
     def ema_update(self, decay: float) -> None:
         self.ema.update(decay)
@@ -183,6 +185,29 @@ class DeepSpeedBackend:
         if box[1] is not None:
             raise box[1]
         return box[0]
+
+    # ---- checkpoints (distributed/checkpoint.py) and the final weights ----
+    def save(self, run_dir: str, step: int, meta: dict, keep: int) -> None:
+        from .checkpoint import save_ds_checkpoint
+
+        save_ds_checkpoint(run_dir, step, self, meta=meta, keep=keep)
+
+    def resume(self, run_dir: str):
+        from .checkpoint import resume_ds_checkpoint
+
+        return resume_ds_checkpoint(run_dir, self)
+
+    def final_models(self):
+        """(model, EMA) built from the consolidated fp32 weights on rank 0, (None, None) elsewhere; collective."""
+        from ..train import build_model_from_config
+
+        model_sd, ema_sd = self.full_state_dicts()
+        if not self.is_main:
+            return None, None
+        model, ema = build_model_from_config(self.cfg), build_model_from_config(self.cfg)
+        model.load_state_dict(model_sd)
+        ema.load_state_dict(ema_sd)
+        return model.eval(), ema.requires_grad_(False).eval()
 
     # ---- weights ----
     def full_state_dicts(self) -> tuple[Optional[dict], Optional[dict]]:

@@ -58,12 +58,11 @@ def layernorm_modulate_tangent(x, x_dot, scale, shift_dot, scale_dot, eps: float
     n_dot = rstd (x_dot - mean(x_dot) - n mean(n x_dot));  y_dot = n_dot (1 + scale) + n scale_dot + shift_dot
     x, x_dot: (N, T, D); scale, shift_dot, scale_dot: (N, D).
     """
-    xf = _acc(x)
-    mu = xf.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(xf.var(-1, unbiased=False, keepdim=True) + eps)
-    n = (xf - mu) * rstd
-    n_dot = rstd * (x_dot - x_dot.mean(-1, keepdim=True) - n * (n * x_dot).mean(-1, keepdim=True))
-    return n_dot * (1 + _acc(scale).unsqueeze(1)) + n * scale_dot.unsqueeze(1) + shift_dot.unsqueeze(1)
+    from ..ops import rowwise_ref  # the one reference of this rule (the row-wise kernels are tested against it)
+
+    mean, rstd = rowwise_ref.ln_stats(x, eps)  # fp32 (float64 stays float64)
+    return rowwise_ref.ln_mod_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot,
+                                  torch.promote_types(x_dot.dtype, rstd.dtype))
 
 
 def attention_tangent(q, k, v, q_dot, k_dot, v_dot) -> torch.Tensor:

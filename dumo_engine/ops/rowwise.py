@@ -116,18 +116,16 @@ def _choose(op: str, x: torch.Tensor, impl: Optional[str], tensors, x_dot_like=(
     chosen = implementation(x, impl)
     if chosen in ("cuda", "cpp", "triton"):
         reason = extra_reason or _kernel_reason(tensors, x_dot_like)
-        if reason is not None:
-            if impl is not None or os.environ.get("DUMO_ROWWISE_IMPL", "auto").lower() not in ("", "auto"):
-                pass  # forced: let the implementation raise its own error naming the problem
-            else:
-                _warn_once(f"{op}:{reason}", f"{op}: PyTorch reference instead of {chosen} because of {reason}")
-                chosen = "torch"
+        forced = impl is not None or os.environ.get("DUMO_ROWWISE_IMPL", "auto").lower() not in ("", "auto")
+        if reason is not None and not forced:  # a forced implementation raises its own error naming the problem
+            _warn_once(f"{op}:{reason}", f"{op}: PyTorch reference instead of {chosen} because of {reason}")
+            chosen = "torch"
     _last[op] = chosen
     return chosen
 
 
 def _mod_dtype_reason(dtypes) -> Optional[str]:
-    dtypes = [d for d in dtypes]
+    dtypes = list(dtypes)
     return None if len(set(dtypes)) == 1 else f"mixed modulation dtypes {sorted(map(str, set(dtypes)))}"
 
 

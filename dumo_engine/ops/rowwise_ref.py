@@ -23,6 +23,7 @@ gscale, gg in their own dtypes; tangent streams (x_dot, out_dot) float32; y_dot 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def _f(t: torch.Tensor) -> torch.Tensor:
@@ -30,7 +31,8 @@ def _f(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.float64 else t.float()
 
 
-def _stats(x: torch.Tensor, eps: float):
+def ln_stats(x: torch.Tensor, eps: float):
+    """(mean, rstd) over the last dim, fp32 math (two-pass variance)."""
     xf = _f(x)
     mean = xf.mean(-1)
     var = (xf - mean[..., None]).pow(2).mean(-1)
@@ -43,7 +45,7 @@ def _norm(x, mean, rstd):
 
 def ln_mod_fwd(x, shift, scale, eps: float = 1e-6, out_dtype=None):
     """(y, mean, rstd); y = LN(x) (1 + scale) + shift in out_dtype (default: shift's dtype)."""
-    mean, rstd = _stats(x, eps)
+    mean, rstd = ln_stats(x, eps)
     y = _norm(x, mean, rstd) * (1 + _f(scale)[:, None]) + _f(shift)[:, None]
     return y.to(out_dtype or shift.dtype), mean, rstd
 
@@ -69,7 +71,7 @@ def ln_mod_bwd(gys, x, mean, rstd, scales):
 
 def ln_dual_fwd(x, shift_v, scale_v, shift_u, scale_u, eps: float = 1e-6, out_dtype=None):
     """(y_v, y_u, mean, rstd): the dual final layer's shared normalisation feeding both heads."""
-    mean, rstd = _stats(x, eps)
+    mean, rstd = ln_stats(x, eps)
     n = _norm(x, mean, rstd)
     y_v = n * (1 + _f(scale_v)[:, None]) + _f(shift_v)[:, None]
     y_u = n * (1 + _f(scale_u)[:, None]) + _f(shift_u)[:, None]
@@ -90,6 +92,31 @@ def gated_bwd(gout, g, h):
     """(gh, gg): gh = gout g in h's dtype, gg = sum_t gout h in g's dtype (gx is gout itself)."""
     gf = _f(gout)
     return (gf * _f(g)[:, None]).to(h.dtype), (gf * _f(h)).sum(1).to(g.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the plain model expressions (what DiTBlock / FinalLayer compute), in the inputs' own dtypes: PyTorch's own precision
+# for the tests' 2x rule, differentiable by autograd and torch.func, and the baseline the benchmarks time
+# ---------------------------------------------------------------------------------------------------
+def model_ln_mod(x, shift, scale, eps: float = 1e-6):
+    from ..models.dit import modulate
+
+    return modulate(F.layer_norm(x, x.shape[-1:], eps=eps), shift, scale)
+
+
+def model_ln_dual(x, shift_v, scale_v, shift_u, scale_u, eps: float = 1e-6):
+    from ..models.dit import modulate
+
+    n = F.layer_norm(x, x.shape[-1:], eps=eps)
+    return modulate(n, shift_v, scale_v), modulate(n, shift_u, scale_u)
+
+
+def model_gated(x, g, h):
+    return x + g.unsqueeze(1) * h
+
+
+def model_gated_jvp(x_dot, g, g_dot, h, h_dot):
+    return x_dot + g_dot.unsqueeze(1) * h + g.unsqueeze(1) * h_dot
 
 
 # ---------------------------------------------------------------------------------------------------
