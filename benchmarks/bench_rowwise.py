@@ -11,6 +11,9 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
   python benchmarks/bench_rowwise.py                  # CUDA if present: N=256, fp32-residual+bf16 and bf16
   python benchmarks/bench_rowwise.py --cpu            # CPU twins vs PyTorch, fp32, N=8
   python benchmarks/bench_rowwise.py --quick          # tiny shapes, few iterations (the test suite's smoke run)
+  python benchmarks/bench_rowwise.py --cuda-variants  # also the CUDA kernel variants (csrc/rowwise_fast.h):
+      cuda-general (the general kernels only), cuda-nopreload / cuda-preload (fast path, operands held ahead of use
+      never / always); the "cuda" rows are the default choice
 """
 from __future__ import annotations
 
@@ -134,6 +137,8 @@ def main() -> None:
                    help="skip the torch.compile rows (CUDA; they run for the fp32-residual+bf16 training dtype)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (smoke run)")
     p.add_argument("--iters", type=int, default=0)
+    p.add_argument("--cuda-variants", action="store_true",
+                   help="also time the CUDA kernel variants (general kernels only; fast path with/without preload)")
     p.add_argument("--out", default=None, help="append rows as JSONL here")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -146,6 +151,10 @@ def main() -> None:
     dtypes = ([("fp32+bf16", torch.float32, torch.bfloat16), ("bf16", torch.bfloat16, torch.bfloat16)] if cuda
               else [("fp32", torch.float32, torch.float32)])
     impls = ["cuda", "triton"] if cuda else ["cpp"]
+    variants = {"cuda": 1}  # dumo_engine._C.cuda_fast_path choices, by row label
+    if cuda and args.cuda_variants:
+        variants.update({"cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3})
+        impls = list(variants) + ["triton"]
     if cuda and not args.no_compile:
         from torch import _dynamo
 
@@ -185,18 +194,24 @@ def main() -> None:
                         row("torch.compile", t_c, t_ref.median_ms)
                     except Exception as e:  # noqa: BLE001 - report and go on: the other rows still count
                         print(f"[bench_rowwise] torch.compile failed for {op}: {type(e).__name__}: {e}")
-                for impl in impls:
+                for label in impls:
+                    impl = "cuda" if label in variants else label
                     try:
                         rw.implementation(d["x"], impl)
                     except RuntimeError as e:
                         print(f"[bench_rowwise] {impl} unavailable: {e}")
                         continue
-                    fn, key = our_fn(op, d, impl)
-                    fn()
-                    if key is not None and rw.last_impl().get(key) != impl:
-                        print(f"[bench_rowwise] {op}: asked for {impl}, ran {rw.last_impl().get(key)}; skipped")
-                        continue
-                    row(impl, timed(fn), t_ref.median_ms)
+                    prev = rw.extension().cuda_fast_path(variants[label]) if label in variants else None
+                    try:
+                        fn, key = our_fn(op, d, impl)
+                        fn()
+                        if key is not None and rw.last_impl().get(key) != impl:
+                            print(f"[bench_rowwise] {op}: asked for {impl}, ran {rw.last_impl().get(key)}; skipped")
+                            continue
+                        row(label, timed(fn), t_ref.median_ms)
+                    finally:
+                        if prev is not None:
+                            rw.extension().cuda_fast_path(prev)
             del d
             if cuda:
                 torch.cuda.empty_cache()

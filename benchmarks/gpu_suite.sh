@@ -6,8 +6,9 @@
 # Run from the repository root on the lent GPU machine (device tool), e.g.
 #   run(command="bash benchmarks/gpu_suite.sh", timeout_s=560)           [add carry [".whl"] once wheels are needed]
 # It uses the machine's own python3/torch/triton (no pip install of this package: its torch pin is for CPU boxes).
-# QUICK=1 (about 3 minutes, for a nearly spent device budget): build, the CUDA row-wise tests, bench_rowwise at
-# XL/2 rows, and the B/2 train step with and without the row-wise kernels.
+# QUICK=1 (about 5 minutes): build, the CUDA row-wise tests under every kernel variant and the fused pass on them,
+# bench_rowwise with the CUDA kernel variants (XL/2 rows with torch.compile, B/2 rows without), and the B/2 train
+# step with and without the row-wise kernels.
 set -uo pipefail
 QUICK=${QUICK:-0}
 cd "$(dirname "$0")/.."
@@ -29,16 +30,17 @@ stamp "env"; tail -n 4 "$LOG"
 
 # C++/CUDA extension (csrc/): sm_90a only here (the lent cards are Hopper; CI compile-checks sm_80 and sm_90a)
 stamp "build dumo_engine._C with CUDA (TORCH_CUDA_ARCH_LIST=9.0a)"
-TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout $([ "$QUICK" = 1 ] && echo 100 || echo 200) python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 200 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build exit $?" | tee -a "$LOG"; tail -n 3 "$OUT/build.log"
 python3 -c "import torch, dumo_engine._C as C; print('dumo_engine._C with_cuda =', C.with_cuda())" 2>&1 | tee -a "$LOG"
 
 if [ "$QUICK" = 1 ]; then
-  stamp "GPU tests (quick): CUDA row-wise kernels, fused pass on CUDA row-wise kernels"
-  timeout 50 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py tests/test_gpu.py -k "not triton and (rowwise or ln_mod or dual or gated or extension or bad or float64 or determin)" 2>&1 | tee -a "$LOG" | tail -n 8
-  stamp "bench_rowwise (quick: XL/2 rows)"
-  timeout 70 python3 benchmarks/bench_rowwise.py --shapes XL/2 --iters 20 --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
-  sed -n '/^all rows:/,$p' "$LOG" | tail -n 40
+  stamp "GPU tests (quick): CUDA row-wise kernels under every kernel variant, the fused pass on them"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py tests/test_gpu.py -k "not triton" 2>&1 | tee -a "$LOG" | tail -n 12
+  stamp "bench_rowwise (quick: XL/2 rows with torch.compile, B/2 rows without; CUDA variants)"
+  timeout 120 python3 benchmarks/bench_rowwise.py --shapes XL/2 --iters 20 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
+  timeout 50 python3 benchmarks/bench_rowwise.py --shapes B/2 --iters 20 --cuda-variants --no-compile --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
+  grep -E '^\| (ln_|gated)' "$LOG" | awk -F'|' '!seen[$0]++ {print $2,$3,$4,$5,$6,$8,$9}' | tail -n 120
   stamp "bench_train_step (quick: B/2 b64, fused with and without the row-wise kernels)"
   timeout 60 python3 benchmarks/bench_train_step.py --models DiT-B/2 --batch 64 --iters 5 --no-own-batch \
     --kinds dumo_fused,dumo_fused_torch_rowwise --out "$OUT/train_step.jsonl" >> "$LOG" 2>&1
@@ -52,7 +54,7 @@ timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py tests
   tests/test_gpu.py tests/test_attention_jvp.py tests/test_fused_jvp.py -k "not ddp" 2>&1 | tee -a "$LOG" | tail -n 12
 
 stamp "bench_rowwise (B/2, XL/2 rows; pytorch, torch.compile, cuda, triton)"
-timeout 100 python3 benchmarks/bench_rowwise.py --iters 30 --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
+timeout 100 python3 benchmarks/bench_rowwise.py --iters 30 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
 sed -n '/^all rows:/,$p' "$LOG" | tail -n 70
 
 stamp "bench_train_step (XL/2, B/2, bf16)"

@@ -18,5 +18,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("g"), py::arg("g_dot"), py::arg("h"), py::arg("h_dot"));
   m.def("gated_bwd", &dumo::gated_bwd, "-> [gh = gout g, gg = sum_t gout h]", py::arg("gout"), py::arg("g"),
         py::arg("h"));
+  m.def("cuda_fast_path", &dumo::cuda_fast_path,
+        "Select the CUDA kernels process-wide, returning the previous choice: 0 general kernels only, 1 fast path "
+        "(default), 2 / 3 fast path never / always holding operands ahead of use; -1 only queries",
+        py::arg("variant") = -1);
   m.def("with_cuda", &dumo::with_cuda, "True when the CUDA kernels were compiled in");
 }

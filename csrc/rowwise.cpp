@@ -319,6 +319,18 @@ std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, c
   return {gh, gg};
 }
 
+int cuda_fast_path(int variant) {
+#ifdef DUMO_WITH_CUDA
+  TORCH_CHECK(variant >= -1 && variant <= 3, "dumo_engine._C.cuda_fast_path: variant must be -1 (query), 0 (general "
+              "kernels only), 1 (fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload); got ",
+              variant);
+  return set_cuda_fast_path(variant);
+#else
+  TORCH_CHECK(false, "dumo_engine._C.cuda_fast_path: this build of dumo_engine._C has no CUDA kernels");
+  return 0;
+#endif
+}
+
 bool with_cuda() {
 #ifdef DUMO_WITH_CUDA
   return true;

@@ -29,10 +29,10 @@ struct Mod {
 };
 
 constexpr int kMaxHidden = 4096;  // 8 elements per thread, at most 512 threads per row (128 registers each)
-constexpr int kBwdTileRows = 32;  // rows of one sample per backward block (partial column sums per tile)
+constexpr int kBwdTileRows = 64;  // rows of one sample per backward block (partial column sums per tile)
 
 // C++ CPU twins (rowwise_cpu.cpp): the same ops and arguments as the CUDA launchers below, run on the host with
-// at::parallel_for over rows (forward, JVP) or over (sample, 32-row tile) (backward: the same tiling and the same
+// at::parallel_for over rows (forward, JVP) or over (sample, kBwdTileRows-row tile) (backward: the same tiling and the same
 // fixed-order partial sums as the CUDA kernels). `partial` is float scratch of bwd_partial_floats(s, arrays).
 void ln_mod_fwd_cpu(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
                     float eps, DType tx, DType tm);
@@ -68,6 +68,11 @@ int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const vo
                    const void* h, const void* h_dot, float* out_dot, Shape s, DType tm, void* stream);
 int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, void* gg,
                    float* partial, Shape s, DType tx, DType tm, void* stream);
+// Process-wide choice of CUDA kernels, for benchmarks and tests that cover every path: 0 = the general kernels
+// only, 1 = the fast path where it applies with its own register heuristics (the default), 2 / 3 = the fast path
+// never / always holding operands ahead of use (rowwise_fast.h). Returns the previous setting; other values only
+// read it.
+int set_cuda_fast_path(int variant);
 #endif
 
 // Float scratch the backward needs for `arrays` column-sum outputs (per-tile partial sums, reduced in a second

@@ -130,7 +130,7 @@ void colsum(const float* partial, void* const* outs, int arrays, Shape s, int64_
 }
 
 // g = sum_k gy_k (1 + scale_k);  gx = rstd (g - mean_D(g) - n mean_D(g n));
-// gshift_k = sum_t gy_k,  gscale_k = sum_t gy_k n  (per 32-row tile, then colsum)
+// gshift_k = sum_t gy_k,  gscale_k = sum_t gy_k n  (per kBwdTileRows-row tile, then colsum)
 template <typename TX, typename TM>
 void ln_bwd(const void* const* gys, const TX* x, const float* mean, const float* rstd, const void* const* scales,
             const int64_t* scale_strides, int nmod, TX* gx, void* const* gshifts, void* const* gscales,
@@ -228,7 +228,7 @@ void gjvp(const float* x_dot, const TM* g, int64_t gs, const TM* g_dot, int64_t 
   });
 }
 
-// gh = gout g;  gg = sum_t gout h  (per 32-row tile, then colsum)
+// gh = gout g;  gg = sum_t gout h  (per kBwdTileRows-row tile, then colsum)
 template <typename TX, typename TM>
 void gbwd(const TX* gout, const TM* g, int64_t gs, const TM* h, TM* gh, void* gg, float* partial, Shape s) {
   const int64_t D = s.D, n_tiles = (s.T + kBwdTileRows - 1) / kBwdTileRows;

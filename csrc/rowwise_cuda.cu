@@ -1,73 +1,27 @@
 // CUDA kernels for the row-wise ops (see rowwise.h for layout and dtypes; dumo_engine/ops/rowwise_ref.py is the
-// PyTorch reference). No torch headers: nvcc compile-checks this file alone.
+// PyTorch reference), and the launchers. No torch headers: nvcc compile-checks this file alone.
 //
-// Geometry. A row of D elements is owned by `tpr` threads (blockDim.x = ceil(D/8) rounded up to a warp), each
+// Two paths. The fast path (rowwise_fast_*.cu; rowwise_fast.h says when it applies: 16-byte aligned rows,
+// D % 8 == 0, D <= 2048, the common dtype mixes) runs a warp per row. This file's general kernels run everything
+// else (odd D, unaligned operands, D up to kMaxHidden, every dtype mix), and the backward's column-sum pass.
+//
+// General-path geometry. A row of D elements is owned by `tpr` threads (blockDim.x = ceil(D/8) rounded up to a warp), each
 // holding 8 columns in registers: on the vector path (D % 8 == 0 and 16-byte aligned operands) 8 consecutive
 // columns read with one 16-byte load (bf16/fp16) or two (fp32); on the scalar path (any D) columns lane + j*tpr,
 // coalesced across the warp. blockDim.y = rows per block (a power of two, about 256 threads per block). So each
 // input is read once and each output written once; row sums go through warp shuffles and one shared-memory step.
-// Backward column sums (over the T rows of a sample) are accumulated per 32-row tile in registers, reduced over
+// Backward column sums (over the T rows of a sample) are accumulated per kBwdTileRows-row tile in registers, reduced over
 // blockDim.y in shared memory, written as fp32 partials and summed in a second small kernel in a fixed order:
 // deterministic, no atomics.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
-#include <cstdint>
-
-#include "rowwise.h"
+#include "rowwise_device.cuh"
+#include "rowwise_fast.h"
 
 namespace dumo {
 namespace {
 
-constexpr int VEC = 8;
+using namespace dev;
 
-template <typename T>
-struct Conv;
-template <>
-struct Conv<float> {
-  __device__ static float to(float v) { return v; }
-  __device__ static float from(float v) { return v; }
-};
-template <>
-struct Conv<__nv_bfloat16> {
-  __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
-  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
-};
-template <>
-struct Conv<__half> {
-  __device__ static float to(__half v) { return __half2float(v); }
-  __device__ static __half from(float v) { return __float2half_rn(v); }
-};
-
-// 8 consecutive elements at a 16-byte aligned p: one 16-byte load for 2-byte types, two for float.
-template <typename T>
-__device__ __forceinline__ void load8(const T* __restrict__ p, float* r) {
-  if constexpr (sizeof(T) == 4) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
-    r[0] = a.x, r[1] = a.y, r[2] = a.z, r[3] = a.w, r[4] = b.x, r[5] = b.y, r[6] = b.z, r[7] = b.w;
-  } else {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* e = reinterpret_cast<const T*>(&u);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) r[j] = Conv<T>::to(e[j]);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ void store8(T* __restrict__ p, const float* r) {
-  if constexpr (sizeof(T) == 4) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(r[0], r[1], r[2], r[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(r[4], r[5], r[6], r[7]);
-  } else {
-    uint4 u;
-    T* e = reinterpret_cast<T*>(&u);
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) e[j] = Conv<T>::from(r[j]);
-    *reinterpret_cast<uint4*>(p) = u;
-  }
-}
+int g_variant = fast::kAuto;  // set_cuda_fast_path: fast::kGeneral (the general kernels only), kAuto, ...
 
 // The (up to) 8 columns this thread owns in a row of D.
 template <bool V>
@@ -127,12 +81,6 @@ __device__ __forceinline__ void row_sum(float* v, float* sh /* shared, K * 32 */
   }
 }
 
-template <typename T>
-struct ModT {
-  const T* shift;
-  const T* scale;
-  int64_t ss, sc;  // row strides (elements)
-};
 
 // ---------------------------------------------------------------------------------------------------------------
 // LayerNorm (no affine) + adaLN modulate, NMOD modulations of one normalisation (2 = the dual final layer):
@@ -434,22 +382,6 @@ __global__ void __launch_bounds__(512) gated_bwd_kernel(const TX* __restrict__ g
 // ---------------------------------------------------------------------------------------------------------------
 // launchers
 // ---------------------------------------------------------------------------------------------------------------
-template <typename T>
-struct Tag {
-  using type = T;
-};
-
-template <typename F>
-void with_type(DType t, F&& f) {
-  switch (t) {
-    case DType::F32: f(Tag<float>{}); break;
-    case DType::BF16: f(Tag<__nv_bfloat16>{}); break;
-    case DType::F16: f(Tag<__half>{}); break;
-  }
-}
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 struct Geo {
   dim3 block;
   int rpb;
@@ -465,7 +397,6 @@ Geo geometry(int64_t D) {
 
 int finish() { return int(cudaGetLastError()); }
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Grid for the flat elementwise kernels: enough blocks to fill the chip, grid-stride beyond that.
 unsigned flat_grid(int64_t total, int per) {
@@ -482,6 +413,8 @@ int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, f
   for (int k = 0; k < nmod; ++k)
     vec = vec && aligned16(mods[k].shift) && aligned16(mods[k].scale) && aligned16(ys[k]) &&
           mods[k].shift_stride % VEC == 0 && mods[k].scale_stride % VEC == 0;
+  if (vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm))
+    return fast::ln_mod_fwd(x, mods, nmod, ys, mean, rstd, s, eps, tx, tm, g_variant, stream);
   const Geo geo = geometry(s.D);
   const dim3 grid(unsigned(ceil_div(R, geo.rpb)));
   auto st = static_cast<cudaStream_t>(stream);
@@ -520,6 +453,9 @@ int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const 
   const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(x_dot) && aligned16(scale) && aligned16(shift_dot) &&
                    aligned16(scale_dot) && aligned16(y_dot) && scale_stride % VEC == 0 &&
                    shift_dot_stride % VEC == 0 && scale_dot_stride % VEC == 0;
+  if (vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm))
+    return fast::ln_mod_jvp(x, x_dot, mean, rstd, scale, scale_stride, shift_dot, shift_dot_stride, scale_dot,
+                            scale_dot_stride, y_dot, y_dot_f32, s, tx, tm, g_variant, stream);
   const Geo geo = geometry(s.D);
   const dim3 grid(unsigned(ceil_div(R, geo.rpb)));
   auto st = static_cast<cudaStream_t>(stream);
@@ -556,6 +492,7 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
   const dim3 grid(unsigned(s.N), unsigned(n_tiles));
   const size_t smem = size_t(geo.block.x) * geo.block.y * VEC * sizeof(float);
   auto st = static_cast<cudaStream_t>(stream);
+  int check = 0;  // a failed fast-path launch (its shared-memory opt-in)
   with_type(tx, [&](auto txt) {
     with_type(tm, [&](auto tmt) {
       using TX = typename decltype(txt)::type;
@@ -569,22 +506,29 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
   ln_mod_bwd_kernel<TX, TM, V, K><<<grid, geo.block, smem, st>>>(g0, g1, static_cast<const TX*>(x), mean, \
                                                                  rstd, c0, scale_strides[0], c1, s1,       \
                                                                  static_cast<TX*>(gx), partial, s.N, s.T, int(s.D))
-      if (s.T == 0) {
-        // no rows: gx is empty; the column sums are zeros (colsum over zero tiles below)
-      } else if (nmod == 2) {
-        if (vec) DUMO_LN_BWD(true, 2); else DUMO_LN_BWD(false, 2);
-      } else {
-        if (vec) DUMO_LN_BWD(true, 1); else DUMO_LN_BWD(false, 1);
+      bool done = s.T == 0;  // no rows: gx is empty; the column sums are zeros (colsum over zero tiles below)
+      if (!done && vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
+        const int r = fast::ln_mod_bwd_tiles(gys, x, mean, rstd, scales, scale_strides, nmod, gx, partial, s, tx,
+                                             tm, g_variant, stream);
+        if (r != fast::kNotApplicable) check = r, done = true;  // else: too little shared memory on this card
+      }
+      if (!done) {
+        if (nmod == 2) {
+          if (vec) DUMO_LN_BWD(true, 2); else DUMO_LN_BWD(false, 2);
+        } else {
+          if (vec) DUMO_LN_BWD(true, 1); else DUMO_LN_BWD(false, 1);
+        }
       }
 #undef DUMO_LN_BWD
       OutPtrs outs{};
       for (int k = 0; k < nmod; ++k) outs.p[k] = gshifts[k], outs.p[nmod + k] = gscales[k];
       const int64_t total = 2 * nmod * s.N * s.D;
-      colsum_kernel<TM><<<unsigned(ceil_div(total, 256)), 256, 0, st>>>(partial, outs, 2 * nmod, s.N, n_tiles,
-                                                                       int(s.D));
+      if (check == 0)
+        colsum_kernel<TM><<<unsigned(ceil_div(total, 256)), 256, 0, st>>>(partial, outs, 2 * nmod, s.N, n_tiles,
+                                                                         int(s.D));
     });
   });
-  return finish();
+  return check != 0 ? check : finish();
 }
 
 int gated_fwd_cuda(const void* x, const void* g, int64_t g_stride, const void* h, void* out, Shape s, DType tx,
@@ -646,6 +590,7 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
   const dim3 grid(unsigned(s.N), unsigned(n_tiles));
   const size_t smem = size_t(geo.block.x) * geo.block.y * VEC * sizeof(float);
   auto st = static_cast<cudaStream_t>(stream);
+  int check = 0;  // a failed fast-path launch (its shared-memory opt-in)
   with_type(tx, [&](auto txt) {
     with_type(tm, [&](auto tmt) {
       using TX = typename decltype(txt)::type;
@@ -654,21 +599,33 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
       auto gp = static_cast<const TM*>(g);
       auto hp = static_cast<const TM*>(h);
       auto ghp = static_cast<TM*>(gh);
-      if (s.T == 0) {
-        // no rows: gh is empty; gg is zeros (colsum over zero tiles below)
-      } else if (vec)
-        gated_bwd_kernel<TX, TM, true><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N, s.T,
-                                                                      int(s.D));
-      else
-        gated_bwd_kernel<TX, TM, false><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N,
-                                                                       s.T, int(s.D));
+      bool done = s.T == 0;  // no rows: gh is empty; gg is zeros (colsum over zero tiles below)
+      if (!done && vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
+        const int r = fast::gated_bwd_tiles(gout, g, g_stride, h, gh, partial, s, tx, tm, g_variant, stream);
+        if (r != fast::kNotApplicable) check = r, done = true;  // else: too little shared memory on this card
+      }
+      if (!done) {
+        if (vec)
+          gated_bwd_kernel<TX, TM, true><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N,
+                                                                        s.T, int(s.D));
+        else
+          gated_bwd_kernel<TX, TM, false><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N,
+                                                                         s.T, int(s.D));
+      }
       OutPtrs outs{};
       outs.p[0] = gg;
-      colsum_kernel<TM><<<unsigned(ceil_div(s.N * s.D, 256)), 256, 0, st>>>(partial, outs, 1, s.N, n_tiles,
-                                                                           int(s.D));
+      if (check == 0)
+        colsum_kernel<TM><<<unsigned(ceil_div(s.N * s.D, 256)), 256, 0, st>>>(partial, outs, 1, s.N, n_tiles,
+                                                                             int(s.D));
     });
   });
-  return finish();
+  return check != 0 ? check : finish();
+}
+
+int set_cuda_fast_path(int variant) {
+  const int was = g_variant;
+  if (variant >= fast::kGeneral && variant <= fast::kPreload) g_variant = variant;
+  return was;
 }
 
 }  // namespace dumo

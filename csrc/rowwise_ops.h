@@ -17,4 +17,5 @@ at::Tensor gated_jvp(const at::Tensor& x_dot, const at::Tensor& g, const at::Ten
                      const at::Tensor& h_dot);
 std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, const at::Tensor& h);
 bool with_cuda();
+int cuda_fast_path(int variant);
 }  // namespace dumo

@@ -22,16 +22,44 @@ HAS_CUDA = torch.cuda.is_available()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension not built: {rw.extension_error()}")
 
 CASES = [("cpp", "cpu")]
+# The CUDA kernels run under each process-wide kernel choice of dumo_engine._C.cuda_fast_path: the default, the
+# general kernels only, and the fast path with and without operands held ahead of use (csrc/rowwise_fast.h).
+CUDA_VARIANTS = {"cuda": 1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3}
 if HAS_CUDA:
-    CASES += [pytest.param("cuda", "cuda", marks=pytest.mark.gpu), pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
+    CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
+    CASES += [pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
 
-SHAPES = [(2, 16, 768), (1, 9, 1152), (3, 5, 37)]  # DiT-B and DiT-XL hidden sizes, and an odd one (scalar path)
+SHAPES = [
+    (2, 16, 768), (1, 9, 1152),  # DiT-B and DiT-XL hidden sizes
+    (3, 5, 37),  # odd: the scalar path
+    (2, 70, 384),  # DiT-S; rows cross a backward tile (64); partly filled 16-byte chunks per lane on the fast path
+    (1, 3, 2048),  # the fast path's widest rows
+    (1, 3, 2560),  # past the fast path: the general vector kernels
+]
 DTYPES = [  # (residual dtype, modulation/branch dtype)
     (torch.float32, torch.float32),
     (torch.bfloat16, torch.bfloat16),
     (torch.float16, torch.float16),
     (torch.float32, torch.bfloat16),  # residual stream fp32 under bf16 autocast
 ]
+
+
+@pytest.fixture
+def use_impl():
+    """use_impl(case) -> the dispatcher's impl name; a CUDA variant case selects its kernels for the test."""
+    prev = []
+
+    def use(case):
+        if case in CUDA_VARIANTS:
+            _skip_unavailable("cuda")
+            prev.append(rw.extension().cuda_fast_path(CUDA_VARIANTS[case]))
+            return "cuda"
+        _skip_unavailable(case)
+        return case
+
+    yield use
+    if prev:
+        rw.extension().cuda_fast_path(prev[0])
 
 
 def _skip_unavailable(impl):
@@ -97,8 +125,8 @@ def d64(*ts):
 @pytest.mark.parametrize("impl,device", CASES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tx,tm", DTYPES)
-def test_ln_mod_forward_jvp_backward(impl, device, shape, tx, tm):
-    _skip_unavailable(impl)
+def test_ln_mod_forward_jvp_backward(use_impl, impl, device, shape, tx, tm):
+    impl = use_impl(impl)
     d = inputs(shape, tx, tm, device)
     x, (shift, scale) = d["x"], d["mods"][:2]
     shift_dot, scale_dot = d["mods_dot"][0], d["mods_dot"][1]
@@ -140,9 +168,9 @@ def test_ln_mod_forward_jvp_backward(impl, device, shape, tx, tm):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tx,tm", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                    (torch.bfloat16, torch.bfloat16)])
-def test_dual_final_layer(impl, device, shape, tx, tm):
+def test_dual_final_layer(use_impl, impl, device, shape, tx, tm):
     """One normalisation, two modulations (v and u); gradients from both heads, from u alone; u tangent only."""
-    _skip_unavailable(impl)
+    impl = use_impl(impl)
     d = inputs(shape, tx, tm, device, seed=3)
     x = d["x"]
     sv, cv, su, cu = d["mods"][:4]
@@ -175,8 +203,8 @@ def test_dual_final_layer(impl, device, shape, tx, tm):
 @pytest.mark.parametrize("impl,device", CASES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("tx,tm", DTYPES)
-def test_gated_residual(impl, device, shape, tx, tm):
-    _skip_unavailable(impl)
+def test_gated_residual(use_impl, impl, device, shape, tx, tm):
+    impl = use_impl(impl)
     d = inputs(shape, tx, tm, device, seed=7)
     x, g, g_dot, h, h_dot = d["x"], d["mods"][2], d["mods_dot"][2], d["h"], d["h_dot"]
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, g, h)]
@@ -255,9 +283,9 @@ def test_extension_is_built():
 
 
 @pytest.mark.parametrize("impl,device", CASES)
-def test_samples_without_rows(impl, device):
+def test_samples_without_rows(use_impl, impl, device):
     """T = 0: empty outputs, and the per-sample column sums of the backward are zeros (not uninitialised memory)."""
-    _skip_unavailable(impl)
+    impl = use_impl(impl)
     N, D = 3, 24
     x = torch.empty(N, 0, D, device=device)
     sh, sc, g = (torch.randn(N, D, device=device).requires_grad_(True) for _ in range(3))
@@ -314,15 +342,20 @@ def test_float64_falls_back_to_reference_with_one_warning():
     assert rel(y, ln_mod_expr(x, sh, sc)) < 1e-12
 
 
-@needs_ext
-def test_cpp_backward_is_deterministic():
-    """Column sums go through fixed-order tile partials: two runs give bit-identical gradients."""
-    d = inputs((3, 70, 48), torch.float32, torch.float32, "cpu", seed=5)
-    sh, sc = d["mods"][0], d["mods"][1]
+@pytest.mark.parametrize("impl,device", [c for c in CASES if "triton" not in str(c)])
+def test_backward_is_deterministic(use_impl, impl, device):
+    """Column sums go through fixed-order tile partials (no atomics): two runs give bit-identical gradients, for the
+    LayerNorm-modulate, the dual final layer and the gated residual, at a shape with several tiles per sample."""
+    impl = use_impl(impl)
+    D = 1152 if device == "cuda" else 48
+    d = inputs((3, 150, D), torch.float32, torch.bfloat16, device, seed=5)
+    sv, cv, su, cu = d["mods"][:4]
     outs = []
     for _ in range(2):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (d["x"], sh, sc)]
-        y = rw.layernorm_modulate(*leaves, impl="cpp")[0]
-        outs.append(torch.autograd.grad(y, leaves, d["gy"]))
+        leaves = [t.detach().clone().requires_grad_(True) for t in (d["x"], sv, cv, su, cu, d["h"])]
+        y = rw.layernorm_modulate(leaves[0], leaves[1], leaves[2], impl=impl)[0]
+        y_v, y_u = rw.dual_layernorm_modulate(*leaves[:5], impl=impl)[:2]
+        out = rw.gated_residual(leaves[0], leaves[1], leaves[5], impl=impl)
+        outs.append(torch.autograd.grad((y, y_v, y_u, out), leaves, (d["gy"], d["gy"], d["gy2"], d["x"])))
     for a, b in zip(*outs):
         assert torch.equal(a, b)

@@ -1,0 +1,154 @@
+// Device helpers shared by the row-wise CUDA kernels (rowwise_cuda.cu: the general path and the launchers;
+// rowwise_fast_fwd.cu / rowwise_fast_bwd.cu: the warp-per-row fast path). No torch headers.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "rowwise.h"
+
+namespace dumo {
+namespace dev {
+
+constexpr int VEC = 8;  // elements per 16-byte chunk of a 2-byte type (a float chunk of 8 is two 16-byte loads)
+
+template <typename T>
+struct Conv;
+template <>
+struct Conv<float> {
+  __device__ static float to(float v) { return v; }
+  __device__ static float from(float v) { return v; }
+};
+template <>
+struct Conv<__nv_bfloat16> {
+  __device__ static float to(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ static __nv_bfloat16 from(float v) { return __float2bfloat16_rn(v); }
+};
+template <>
+struct Conv<__half> {
+  __device__ static float to(__half v) { return __half2float(v); }
+  __device__ static __half from(float v) { return __float2half_rn(v); }
+};
+
+// 8 consecutive elements at a 16-byte aligned p: one 16-byte load for 2-byte types, two for float.
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ p, float* r) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    r[0] = a.x, r[1] = a.y, r[2] = a.z, r[3] = a.w, r[4] = b.x, r[5] = b.y, r[6] = b.z, r[7] = b.w;
+  } else {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) r[j] = Conv<T>::to(e[j]);
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* __restrict__ p, const float* r) {
+  if constexpr (sizeof(T) == 4) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(r[0], r[1], r[2], r[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(r[4], r[5], r[6], r[7]);
+  } else {
+    uint4 u;
+    T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) e[j] = Conv<T>::from(r[j]);
+    *reinterpret_cast<uint4*>(p) = u;
+  }
+}
+
+// 8 elements of T exactly as loaded (16 or 32 bytes of registers), converted on use: keeps the operands that are
+// only needed after a reduction in half the registers for 2-byte types.
+template <typename T>
+struct Raw8 {
+  static constexpr int kU = int(sizeof(T)) / 2;  // uint4 per 8 elements: 1 (bf16/fp16) or 2 (float)
+  uint4 u[kU];
+  __device__ __forceinline__ void load(const T* __restrict__ p) {
+#pragma unroll
+    for (int i = 0; i < kU; ++i) u[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+  }
+  __device__ __forceinline__ void zero() {
+#pragma unroll
+    for (int i = 0; i < kU; ++i) u[i] = make_uint4(0u, 0u, 0u, 0u);  // 0.0 in every storage type
+  }
+  __device__ __forceinline__ float operator[](int j) const { return Conv<T>::to(reinterpret_cast<const T*>(u)[j]); }
+};
+
+// Registers (32-bit) that n Raw8<T> take.
+template <typename T>
+__host__ __device__ constexpr int raw_regs(int n) {
+  return n * int(sizeof(T)) * 2;
+}
+
+// Sum over the 32 lanes of a warp, same order on every lane (butterfly): every lane gets the same total.
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Barrier over `threads` threads (a multiple of 32) that use the same id ID (1..15; 0 is __syncthreads). Orders
+// their shared-memory accesses like __syncthreads. ID is a literal so ptxas reserves only the ids in use.
+template <int ID>
+__device__ __forceinline__ void named_barrier(int threads) {
+  asm volatile("bar.sync %0, %1;" ::"n"(ID), "r"(threads) : "memory");
+}
+
+template <typename T>
+struct ModT {
+  const T* shift;
+  const T* scale;
+  int64_t ss, sc;  // row strides (elements)
+};
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace dev
+}  // namespace dumo
+
+namespace dumo {
+namespace dev {
+
+// Host-side dtype dispatch: f(Tag<T>{}) for the storage type of t.
+template <typename F>
+void with_type(DType t, F&& f) {
+  switch (t) {
+    case DType::F32: f(Tag<float>{}); break;
+    case DType::BF16: f(Tag<__nv_bfloat16>{}); break;
+    case DType::F16: f(Tag<__half>{}); break;
+  }
+}
+
+// The fast path's (residual, modulation) mixes: (float, any) and (T, T). f(Tag<TX>{}, Tag<TM>{}).
+template <typename F>
+void with_fast_types(DType tx, DType tm, F&& f) {
+  with_type(tm, [&](auto tmt) {
+    using TM = typename decltype(tmt)::type;
+    if (tx == DType::F32)
+      f(Tag<float>{}, tmt);
+    else
+      f(Tag<TM>{}, tmt);  // tx == tm (fast::applies)
+  });
+}
+
+// Whether a compiled kernel keeps everything in registers (no local-memory spill): the fast path's kAuto variant
+// holds operands ahead of use only in kernels that ptxas fitted without spilling (the answer is a property of the
+// compiled code, so callers cache it per kernel).
+template <typename K>
+bool spill_free(K kernel) {
+  cudaFuncAttributes a{};
+  return cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.localSizeBytes == 0;
+}
+
+}  // namespace dev
+}  // namespace dumo

@@ -1,0 +1,398 @@
+// Fast path, backward of LayerNorm (no affine) + adaLN modulate and of the gated residual: a block per (sample,
+// tile of kBwdTileRows rows), a warp pair per row, kBwdSlots rows at a time, the next row's loads issued before
+// this row's reductions (see rowwise_fast.h). Writes per-tile column-sum partials; rowwise_cuda.cu's colsum kernel
+// finishes them. Formulas as in rowwise_cuda.cu's general kernels. No torch headers.
+#include <type_traits>
+
+#include "rowwise_device.cuh"
+#include "rowwise_fast.h"
+
+namespace dumo {
+namespace fast {
+namespace {
+
+using namespace dev;
+
+constexpr int kPairThreads = 64;                  // the two warps that share a row
+constexpr int kBlock = kBwdSlots * kPairThreads;  // threads per block
+constexpr int kIters = kBwdTileRows / kBwdSlots;  // rows per warp pair per tile
+static_assert(kBwdTileRows % kBwdSlots == 0, "a tile is a whole number of slot rounds");
+
+// Whether the next row's loads are issued before this row's reductions (PF; two rows of operands in registers).
+// kAuto prefetches in the kernels that ptxas compiled without spilling (set_cuda_fast_path forces one choice).
+inline bool prefetch(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
+
+// NC = 16-byte chunks per lane of a warp pair: 1..4 (D <= 2048).
+template <typename F>
+void with_nc(int64_t nc, F&& f) {
+  if (nc <= 1) f(std::integral_constant<int, 1>{});
+  else if (nc == 2) f(std::integral_constant<int, 2>{});
+  else if (nc == 3) f(std::integral_constant<int, 3>{});
+  else f(std::integral_constant<int, 4>{});
+}
+
+// The barrier of slot `slot`'s warp pair (ids 1..kBwdSlots, literal: the switch is warp-uniform).
+__device__ __forceinline__ void pair_barrier(int slot) {
+  static_assert(kBwdSlots == 4, "one case per slot");
+  switch (slot) {
+    case 0: named_barrier<1>(kPairThreads); break;
+    case 1: named_barrier<2>(kPairThreads); break;
+    case 2: named_barrier<3>(kPairThreads); break;
+    default: named_barrier<4>(kPairThreads); break;
+  }
+}
+
+__device__ __forceinline__ int pair_col(int k, int gl) { return (k * kPairThreads + gl) * VEC; }
+
+// Per-thread column data in shared memory. An array covers the pair's column capacity W = NC * 8 * 64 floats;
+// this thread's chunk k is two float4 at [(2k + h) * 64 + gl], h = 0, 1: consecutive lanes, consecutive 16 bytes
+// (no bank conflicts). The column sums accumulate here rather than in registers: with 2 (dual: 4) sums over up
+// to 32 columns per thread, register accumulators cost most of the register file and so most of the occupancy.
+template <int NC>
+__host__ __device__ constexpr int pair_words() {
+  return NC * VEC * kPairThreads;
+}
+
+__device__ __forceinline__ void lds8(const float* base, int k, int gl, float* r) {
+  const float4* p = reinterpret_cast<const float4*>(base) + 2 * k * kPairThreads + gl;
+  const float4 a = p[0], b = p[kPairThreads];
+  r[0] = a.x, r[1] = a.y, r[2] = a.z, r[3] = a.w, r[4] = b.x, r[5] = b.y, r[6] = b.z, r[7] = b.w;
+}
+
+__device__ __forceinline__ void sts8(float* base, int k, int gl, const float* r) {
+  float4* p = reinterpret_cast<float4*>(base) + 2 * k * kPairThreads + gl;
+  p[0] = make_float4(r[0], r[1], r[2], r[3]);
+  p[kPairThreads] = make_float4(r[4], r[5], r[6], r[7]);
+}
+
+// Column d of a pair array: chunk k = d / 512, lane gl = d % 512 / 8, element j = d % 8.
+__device__ __forceinline__ int pair_word(int d) {
+  const int k = d / (VEC * kPairThreads), r = d % (VEC * kPairThreads), gl = r / VEC, j = r % VEC;
+  return ((2 * k + j / 4) * kPairThreads + gl) * 4 + j % 4;
+}
+
+// Column sums of this block's tile: A arrays per slot at acc0 + (slot * A + a) * W, summed over the slots in a
+// fixed order and written to partial[a][n][tile][:]. Call after a __syncthreads that follows the last update.
+template <int A, int NC>
+__device__ __forceinline__ void write_tile_partials(const float* acc0, float* __restrict__ partial, int64_t N,
+                                                    int64_t n, int64_t tile, int64_t n_tiles, int D) {
+  constexpr int W = pair_words<NC>();
+#pragma unroll
+  for (int a = 0; a < A; ++a) {
+    float* out = partial + ((a * N + n) * n_tiles + tile) * D;
+    for (int d = threadIdx.x; d < D; d += kBlock) {
+      const int w = pair_word(d);
+      float s = 0.f;
+#pragma unroll
+      for (int sl = 0; sl < kBwdSlots; ++sl) s += acc0[(sl * A + a) * W + w];
+      out[d] = s;
+    }
+  }
+}
+
+// Dynamic shared memory of a backward kernel: `per_block` shared arrays + kBwdSlots * `per_slot` accumulators.
+template <int NC>
+constexpr size_t pair_smem(int per_block, int per_slot) {
+  return size_t(per_block + kBwdSlots * per_slot) * pair_words<NC>() * sizeof(float);
+}
+
+// Launch preparation for `smem` bytes of dynamic shared memory: kNotApplicable when the current device cannot
+// give a block that much (with the static row-sum buffer), else the opt-in's error (above 48 KiB a kernel must opt
+// in, per device: so on every launch; a failure's sticky error is cleared here, the caller reports it).
+template <typename K>
+int launch_attr(K kernel, size_t smem) {
+  int dev = 0, limit = 0;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e == cudaSuccess) e = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+  if (e == cudaSuccess && smem + 1024 > size_t(limit)) return kNotApplicable;
+  if (e == cudaSuccess && smem > 48 * 1024)
+    e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  if (e != cudaSuccess) cudaGetLastError();  // clear the sticky copy: the caller reports e
+  return int(e);
+}
+
+// One row's operands for one thread, as loaded (converted on use).
+template <typename TX, typename TM, int NC, int NMOD>
+struct LnRow {
+  Raw8<TM> gy[NMOD][NC];
+  Raw8<TX> x[NC];
+  float mu, rs;
+};
+
+// Rows past the sample's end load as zeros with mean = rstd = 0: n = 0 and gy = 0, so they add nothing.
+template <typename TX, typename TM, int NC, int NMOD>
+__device__ __forceinline__ void load_ln_row(LnRow<TX, TM, NC, NMOD>& r, const TM* __restrict__ gy0,
+                                            const TM* __restrict__ gy1, const TX* __restrict__ x,
+                                            const float* __restrict__ mean, const float* __restrict__ rstd,
+                                            int64_t row, bool live, int D, int gl) {
+  r.mu = live ? __ldg(mean + row) : 0.f;
+  r.rs = live ? __ldg(rstd + row) : 0.f;
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    const int c = pair_col(k, gl);
+    if (live && c < D) {
+      r.gy[0][k].load(gy0 + row * D + c);
+      if constexpr (NMOD == 2) r.gy[1][k].load(gy1 + row * D + c);
+      r.x[k].load(x + row * D + c);
+    } else {
+#pragma unroll
+      for (int m = 0; m < NMOD; ++m) r.gy[m][k].zero();
+      r.x[k].zero();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Backward of y_k = n (1 + scale_k) + shift_k, k < NMOD, for gradients gy_k:
+//   g = sum_k gy_k (1 + scale_k)
+//   gx = rstd (g - sum_D(g) / D - n sum_D(g n) / D)
+//   gshift_k = sum_t gy_k,  gscale_k = sum_t gy_k n            (column sums over the T rows of a sample)
+// partial[(a, n, tile, d)], a = shift_0.., scale_0..; g and n are recomputed from the loaded row (registers).
+// ---------------------------------------------------------------------------------------------------------------
+template <typename TX, typename TM, int NC, int NMOD, bool PF>
+__global__ void __launch_bounds__(kBlock, 2)
+    ln_mod_bwd_pair(const TM* __restrict__ gy0, const TM* __restrict__ gy1, const TX* __restrict__ x,
+                    const float* __restrict__ mean, const float* __restrict__ rstd, const TM* __restrict__ sc0,
+                    int64_t s0, const TM* __restrict__ sc1, int64_t s1, TX* __restrict__ gx,
+                    float* __restrict__ partial, int64_t N, int64_t T, int D) {
+  constexpr int W = pair_words<NC>();
+  __shared__ float sums[2][kBwdSlots][2][2];  // [iteration parity][slot][warp of the pair][sum g, sum g n]
+  extern __shared__ float4 smem4[];           // onep[NMOD][W], then per slot acc[2 NMOD][W]
+  float* const onep = reinterpret_cast<float*>(smem4);
+  float* const acc0 = onep + NMOD * W;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slot = warp >> 1, half = warp & 1;
+  const int gl = half * 32 + lane;
+  const int64_t n = blockIdx.x, tile = blockIdx.y;  // N on x: no 65535 limit
+  float* const acc = acc0 + slot * 2 * NMOD * W;
+  {
+    float v[VEC];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      const int c = pair_col(k, gl);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = 0.f;
+#pragma unroll
+      for (int a = 0; a < 2 * NMOD; ++a) sts8(acc + a * W, k, gl, v);
+      if (slot == 0) {
+#pragma unroll
+        for (int m = 0; m < NMOD; ++m) {
+          if (c < D) load8((m == 0 ? sc0 + n * s0 : sc1 + n * s1) + c, v);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) v[j] = c < D ? v[j] + 1.f : 1.f;
+          sts8(onep + m * W, k, gl, v);
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  const int64_t t0 = tile * kBwdTileRows + slot;
+  LnRow<TX, TM, NC, NMOD> cur, nxt;
+  if constexpr (PF) load_ln_row(cur, gy0, gy1, x, mean, rstd, n * T + t0, t0 < T, D, gl);
+#pragma unroll 1
+  for (int it = 0; it < kIters; ++it) {  // the same trip count on every thread: the pair barrier is uniform
+    const int64_t t = t0 + int64_t(it) * kBwdSlots, row = n * T + t;
+    if constexpr (PF) {
+      if (it + 1 < kIters) load_ln_row(nxt, gy0, gy1, x, mean, rstd, row + kBwdSlots, t + kBwdSlots < T, D, gl);
+    } else {
+      load_ln_row(cur, gy0, gy1, x, mean, rstd, row, t < T, D, gl);
+    }
+    float g[NC][VEC];
+    float a0 = 0.f, a1 = 0.f;  // padding rows and columns: gy = 0 gives g = 0, adding nothing anywhere
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      float nv[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) nv[j] = (cur.x[k][j] - cur.mu) * cur.rs, g[k][j] = 0.f;
+#pragma unroll
+      for (int m = 0; m < NMOD; ++m) {
+        float op[VEC], as[VEC], an[VEC];
+        lds8(onep + m * W, k, gl, op);
+        lds8(acc + m * W, k, gl, as);
+        lds8(acc + (NMOD + m) * W, k, gl, an);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float gy = cur.gy[m][k][j];
+          g[k][j] += gy * op[j];
+          as[j] += gy;
+          an[j] += gy * nv[j];
+        }
+        sts8(acc + m * W, k, gl, as);
+        sts8(acc + (NMOD + m) * W, k, gl, an);
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) a0 += g[k][j], a1 += g[k][j] * nv[j];
+    }
+    a0 = warp_sum(a0);
+    a1 = warp_sum(a1);
+    float(*sp)[2][2] = sums[it & 1];  // double-buffered: one barrier per row is enough
+    if (lane == 0) sp[slot][half][0] = a0, sp[slot][half][1] = a1;
+    pair_barrier(slot);
+    const float m0 = (sp[slot][0][0] + sp[slot][1][0]) / D, m1 = (sp[slot][0][1] + sp[slot][1][1]) / D;
+    if (t < T) {
+#pragma unroll
+      for (int k = 0; k < NC; ++k) {
+        const int c = pair_col(k, gl);
+        if (c >= D) continue;
+        float o[VEC];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o[j] = cur.rs * (g[k][j] - m0 - (cur.x[k][j] - cur.mu) * cur.rs * m1);
+        store8(gx + row * D + c, o);
+      }
+    }
+    if constexpr (PF) {
+      if (it + 1 < kIters) cur = nxt;
+    }
+  }
+  __syncthreads();
+  write_tile_partials<2 * NMOD, NC>(acc0, partial, N, n, tile, gridDim.y, D);
+}
+
+// Backward of out = x + g h:  gx = gout (no kernel),  gh = gout g,  gg = sum_t gout h  (partials per tile)
+template <typename TX, typename TM, int NC>
+struct GatedRow {
+  Raw8<TX> go[NC];
+  Raw8<TM> h[NC];
+};
+
+template <typename TX, typename TM, int NC>
+__device__ __forceinline__ void load_gated_row(GatedRow<TX, TM, NC>& r, const TX* __restrict__ gout,
+                                               const TM* __restrict__ h, int64_t row, bool live, int D, int gl) {
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    const int c = pair_col(k, gl);
+    if (live && c < D) {
+      r.go[k].load(gout + row * D + c);
+      r.h[k].load(h + row * D + c);
+    } else {
+      r.go[k].zero();
+      r.h[k].zero();
+    }
+  }
+}
+
+template <typename TX, typename TM, int NC, bool PF>
+__global__ void __launch_bounds__(kBlock, 2)
+    gated_bwd_pair(const TX* __restrict__ gout, const TM* __restrict__ g, int64_t gs, const TM* __restrict__ h,
+                   TM* __restrict__ gh, float* __restrict__ partial, int64_t N, int64_t T, int D) {
+  constexpr int W = pair_words<NC>();
+  extern __shared__ float4 smem4[];  // gate[W], then per slot acc[W]
+  float* const gate = reinterpret_cast<float*>(smem4);
+  float* const acc0 = gate + W;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slot = warp >> 1;
+  const int gl = (warp & 1) * 32 + lane;
+  const int64_t n = blockIdx.x, tile = blockIdx.y;
+  float* const acc = acc0 + slot * W;
+  {
+    float v[VEC];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = 0.f;
+      sts8(acc, k, gl, v);
+      if (slot == 0) {
+        if (pair_col(k, gl) < D) load8(g + n * gs + pair_col(k, gl), v);
+        sts8(gate, k, gl, v);
+      }
+    }
+  }
+  __syncthreads();
+  const int64_t t0 = tile * kBwdTileRows + slot;
+  GatedRow<TX, TM, NC> cur, nxt;
+  if constexpr (PF) load_gated_row(cur, gout, h, n * T + t0, t0 < T, D, gl);
+#pragma unroll 1
+  for (int it = 0; it < kIters; ++it) {
+    const int64_t t = t0 + int64_t(it) * kBwdSlots, row = n * T + t;
+    if constexpr (PF) {
+      if (it + 1 < kIters) load_gated_row(nxt, gout, h, row + kBwdSlots, t + kBwdSlots < T, D, gl);
+    } else {
+      load_gated_row(cur, gout, h, row, t < T, D, gl);
+    }
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      float gv[VEC], as[VEC], o[VEC];
+      lds8(gate, k, gl, gv);
+      lds8(acc, k, gl, as);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        const float go = cur.go[k][j];
+        o[j] = go * gv[j];
+        as[j] += go * cur.h[k][j];  // zeros past the end
+      }
+      sts8(acc, k, gl, as);
+      const int c = pair_col(k, gl);
+      if (t < T && c < D) store8(gh + row * D + c, o);
+    }
+    if constexpr (PF) {
+      if (it + 1 < kIters) cur = nxt;
+    }
+  }
+  __syncthreads();
+  write_tile_partials<1, NC>(acc0, partial, N, n, tile, gridDim.y, D);
+}
+
+}  // namespace
+
+int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, const float* rstd,
+                     const void* const* scales, const int64_t* scale_strides, int nmod, void* gx, float* partial,
+                     Shape s, DType tx, DType tm, int variant, void* stream) {
+  const dim3 grid(unsigned(s.N), unsigned(ceil_div(s.T, kBwdTileRows)));
+  auto st = static_cast<cudaStream_t>(stream);
+  int err = 0;
+  with_fast_types(tx, tm, [&](auto txt, auto tmt) {
+    using TX = typename decltype(txt)::type;
+    using TM = typename decltype(tmt)::type;
+    const TM* g0 = static_cast<const TM*>(gys[0]);
+    const TM* g1 = nmod == 2 ? static_cast<const TM*>(gys[1]) : g0;
+    const TM* c0 = static_cast<const TM*>(scales[0]);
+    const TM* c1 = nmod == 2 ? static_cast<const TM*>(scales[1]) : c0;
+    const int64_t st0 = scale_strides[0], st1 = nmod == 2 ? scale_strides[1] : st0;
+    const TX* xp = static_cast<const TX*>(x);
+    TX* gxp = static_cast<TX*>(gx);
+    with_nc(ceil_div(s.D, kPairThreads * VEC), [&](auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      auto launch = [&](auto kernel, size_t smem) {
+        err = launch_attr(kernel, smem);
+        if (err == 0)
+          kernel<<<grid, kBlock, smem, st>>>(g0, g1, xp, mean, rstd, c0, st0, c1, st1, gxp, partial, s.N, s.T,
+                                             int(s.D));
+      };
+      if (nmod == 2) {
+        static const bool fits = spill_free(ln_mod_bwd_pair<TX, TM, NC, 2, true>);
+        if (prefetch(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 2, true>, pair_smem<NC>(2, 4));
+        else launch(ln_mod_bwd_pair<TX, TM, NC, 2, false>, pair_smem<NC>(2, 4));
+      } else {
+        static const bool fits = spill_free(ln_mod_bwd_pair<TX, TM, NC, 1, true>);
+        if (prefetch(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 1, true>, pair_smem<NC>(1, 2));
+        else launch(ln_mod_bwd_pair<TX, TM, NC, 1, false>, pair_smem<NC>(1, 2));
+      }
+    });
+  });
+  return err != 0 ? err : int(cudaGetLastError());  // err: kNotApplicable or the opt-in's error
+}
+
+int gated_bwd_tiles(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, float* partial,
+                    Shape s, DType tx, DType tm, int variant, void* stream) {
+  const dim3 grid(unsigned(s.N), unsigned(ceil_div(s.T, kBwdTileRows)));
+  auto st = static_cast<cudaStream_t>(stream);
+  int err = 0;
+  with_fast_types(tx, tm, [&](auto txt, auto tmt) {
+    using TX = typename decltype(txt)::type;
+    using TM = typename decltype(tmt)::type;
+    with_nc(ceil_div(s.D, kPairThreads * VEC), [&](auto nc) {
+      constexpr int NC = decltype(nc)::value;
+      const size_t smem = pair_smem<NC>(1, 1);
+      static const bool fits = spill_free(gated_bwd_pair<TX, TM, NC, true>);
+      auto kernel = prefetch(variant, fits) ? gated_bwd_pair<TX, TM, NC, true> : gated_bwd_pair<TX, TM, NC, false>;
+      err = launch_attr(kernel, smem);
+      if (err == 0)
+        kernel<<<grid, kBlock, smem, st>>>(static_cast<const TX*>(gout), static_cast<const TM*>(g),
+                                                             g_stride, static_cast<const TM*>(h), static_cast<TM*>(gh),
+                                                             partial, s.N, s.T, int(s.D));
+    });
+  });
+  return err != 0 ? err : int(cudaGetLastError());  // err: kNotApplicable or the opt-in's error
+}
+
+}  // namespace fast
+}  // namespace dumo
