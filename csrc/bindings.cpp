@@ -3,22 +3,44 @@
 
 #include "rowwise_ops.h"
 
+namespace {
+
+// Each op runs inside this wrapper, which turns the glue's c10 errors into Python exceptions itself (TypeError for
+// dtype problems, RuntimeError for the rest; the message without the C++ backtrace) instead of leaving them to
+// torch's exception translator: on the GPU image (torch 2.11) a c10 error escaping this extension crashed the
+// process (seen on an H200 and an H100, 2026-11-27) while the same checks raise cleanly under torch 2.13 here.
+template <typename R, typename... A>
+auto guarded(R (*f)(A...)) {
+  return [f](A... a) -> R {
+    try {
+      return f(std::forward<A>(a)...);
+    } catch (const c10::TypeError& e) {
+      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+    } catch (const c10::Error& e) {
+      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    }
+    throw py::error_already_set();
+  };
+}
+
+}  // namespace
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dumo-engine C++/CUDA row-wise ops (LayerNorm + adaLN modulate, gated residual, dual final layer) "
             "with JVP and backward; CPU twins always, CUDA kernels when built with nvcc";
-  m.def("ln_mod_fwd", &dumo::ln_mod_fwd, "y_k = LN(x)(1 + scale_k) + shift_k -> [y_1(, y_2), mean, rstd]",
+  m.def("ln_mod_fwd", guarded(&dumo::ln_mod_fwd), "y_k = LN(x)(1 + scale_k) + shift_k -> [y_1(, y_2), mean, rstd]",
         py::arg("x"), py::arg("shifts"), py::arg("scales"), py::arg("eps"));
-  m.def("ln_mod_jvp", &dumo::ln_mod_jvp, "y_dot from the saved statistics", py::arg("x"), py::arg("x_dot"),
+  m.def("ln_mod_jvp", guarded(&dumo::ln_mod_jvp), "y_dot from the saved statistics", py::arg("x"), py::arg("x_dot"),
         py::arg("mean"), py::arg("rstd"), py::arg("scale"), py::arg("shift_dot"), py::arg("scale_dot"),
         py::arg("y_dot_f32"));
-  m.def("ln_mod_bwd", &dumo::ln_mod_bwd, "-> [gx, gshift_1(, gshift_2), gscale_1(, gscale_2)]", py::arg("gys"),
+  m.def("ln_mod_bwd", guarded(&dumo::ln_mod_bwd), "-> [gx, gshift_1(, gshift_2), gscale_1(, gscale_2)]", py::arg("gys"),
         py::arg("x"), py::arg("mean"), py::arg("rstd"), py::arg("scales"));
-  m.def("gated_fwd", &dumo::gated_fwd, "out = x + g h", py::arg("x"), py::arg("g"), py::arg("h"));
-  m.def("gated_jvp", &dumo::gated_jvp, "out_dot = x_dot + g_dot h + g h_dot (float32)", py::arg("x_dot"),
+  m.def("gated_fwd", guarded(&dumo::gated_fwd), "out = x + g h", py::arg("x"), py::arg("g"), py::arg("h"));
+  m.def("gated_jvp", guarded(&dumo::gated_jvp), "out_dot = x_dot + g_dot h + g h_dot (float32)", py::arg("x_dot"),
         py::arg("g"), py::arg("g_dot"), py::arg("h"), py::arg("h_dot"));
-  m.def("gated_bwd", &dumo::gated_bwd, "-> [gh = gout g, gg = sum_t gout h]", py::arg("gout"), py::arg("g"),
+  m.def("gated_bwd", guarded(&dumo::gated_bwd), "-> [gh = gout g, gg = sum_t gout h]", py::arg("gout"), py::arg("g"),
         py::arg("h"));
-  m.def("cuda_fast_path", &dumo::cuda_fast_path,
+  m.def("cuda_fast_path", guarded(&dumo::cuda_fast_path),
         "Select the CUDA kernels process-wide, returning the previous choice: 0 general kernels only, 1 fast path "
         "(default), 2 / 3 fast path never / always holding operands ahead of use; -1 only queries",
         py::arg("variant") = -1);

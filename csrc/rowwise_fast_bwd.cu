@@ -147,7 +147,8 @@ __device__ __forceinline__ void load_ln_row(LnRow<TX, TM, NC, NMOD>& r, const TM
 //   g = sum_k gy_k (1 + scale_k)
 //   gx = rstd (g - sum_D(g) / D - n sum_D(g n) / D)
 //   gshift_k = sum_t gy_k,  gscale_k = sum_t gy_k n            (column sums over the T rows of a sample)
-// partial[(a, n, tile, d)], a = shift_0.., scale_0..; g and n are recomputed from the loaded row (registers).
+// partial[(a, n, tile, d)], a = shift_0.., scale_0..; g and n are recomputed from the loaded row after the row
+// sums (from registers and shared memory) rather than held across the barrier.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename TX, typename TM, int NC, int NMOD, bool PF>
 __global__ void __launch_bounds__(kBlock, 2)
@@ -197,13 +198,12 @@ __global__ void __launch_bounds__(kBlock, 2)
     } else {
       load_ln_row(cur, gy0, gy1, x, mean, rstd, row, t < T, D, gl);
     }
-    float g[NC][VEC];
     float a0 = 0.f, a1 = 0.f;  // padding rows and columns: gy = 0 gives g = 0, adding nothing anywhere
 #pragma unroll
     for (int k = 0; k < NC; ++k) {
-      float nv[VEC];
+      float nv[VEC], g[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) nv[j] = (cur.x[k][j] - cur.mu) * cur.rs, g[k][j] = 0.f;
+      for (int j = 0; j < VEC; ++j) nv[j] = (cur.x[k][j] - cur.mu) * cur.rs, g[j] = 0.f;
 #pragma unroll
       for (int m = 0; m < NMOD; ++m) {
         float op[VEC], as[VEC], an[VEC];
@@ -213,7 +213,7 @@ __global__ void __launch_bounds__(kBlock, 2)
 #pragma unroll
         for (int j = 0; j < VEC; ++j) {
           const float gy = cur.gy[m][k][j];
-          g[k][j] += gy * op[j];
+          g[j] += gy * op[j];
           as[j] += gy;
           an[j] += gy * nv[j];
         }
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(kBlock, 2)
         sts8(acc + (NMOD + m) * W, k, gl, an);
       }
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) a0 += g[k][j], a1 += g[k][j] * nv[j];
+      for (int j = 0; j < VEC; ++j) a0 += g[j], a1 += g[j] * nv[j];
     }
     a0 = warp_sum(a0);
     a1 = warp_sum(a1);
@@ -236,7 +236,16 @@ __global__ void __launch_bounds__(kBlock, 2)
         if (c >= D) continue;
         float o[VEC];
 #pragma unroll
-        for (int j = 0; j < VEC; ++j) o[j] = cur.rs * (g[k][j] - m0 - (cur.x[k][j] - cur.mu) * cur.rs * m1);
+        for (int j = 0; j < VEC; ++j) o[j] = 0.f;
+#pragma unroll
+        for (int m = 0; m < NMOD; ++m) {  // g again (registers for g across the barrier cost the prefetch)
+          float op[VEC];
+          lds8(onep + m * W, k, gl, op);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) o[j] += cur.gy[m][k][j] * op[j];
+        }
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) o[j] = cur.rs * (o[j] - m0 - (cur.x[k][j] - cur.mu) * cur.rs * m1);
         store8(gx + row * D + c, o);
       }
     }
@@ -271,7 +280,7 @@ __device__ __forceinline__ void load_gated_row(GatedRow<TX, TM, NC>& r, const TX
   }
 }
 
-template <typename TX, typename TM, int NC, bool PF>
+template <typename TX, typename TM, int NC>
 __global__ void __launch_bounds__(kBlock, 2)
     gated_bwd_pair(const TX* __restrict__ gout, const TM* __restrict__ g, int64_t gs, const TM* __restrict__ h,
                    TM* __restrict__ gh, float* __restrict__ partial, int64_t N, int64_t T, int D) {
@@ -298,16 +307,11 @@ __global__ void __launch_bounds__(kBlock, 2)
   }
   __syncthreads();
   const int64_t t0 = tile * kBwdTileRows + slot;
-  GatedRow<TX, TM, NC> cur, nxt;
-  if constexpr (PF) load_gated_row(cur, gout, h, n * T + t0, t0 < T, D, gl);
+  GatedRow<TX, TM, NC> cur;
 #pragma unroll 1
-  for (int it = 0; it < kIters; ++it) {
+  for (int it = 0; it < kIters; ++it) {  // no barrier in the loop: other warps' loads cover this one's latency
     const int64_t t = t0 + int64_t(it) * kBwdSlots, row = n * T + t;
-    if constexpr (PF) {
-      if (it + 1 < kIters) load_gated_row(nxt, gout, h, row + kBwdSlots, t + kBwdSlots < T, D, gl);
-    } else {
-      load_gated_row(cur, gout, h, row, t < T, D, gl);
-    }
+    load_gated_row(cur, gout, h, row, t < T, D, gl);
 #pragma unroll
     for (int k = 0; k < NC; ++k) {
       float gv[VEC], as[VEC], o[VEC];
@@ -322,9 +326,6 @@ __global__ void __launch_bounds__(kBlock, 2)
       sts8(acc, k, gl, as);
       const int c = pair_col(k, gl);
       if (t < T && c < D) store8(gh + row * D + c, o);
-    }
-    if constexpr (PF) {
-      if (it + 1 < kIters) cur = nxt;
     }
   }
   __syncthreads();
@@ -372,7 +373,7 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
 }
 
 int gated_bwd_tiles(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, float* partial,
-                    Shape s, DType tx, DType tm, int variant, void* stream) {
+                    Shape s, DType tx, DType tm, int /*variant: one gated kernel*/, void* stream) {
   const dim3 grid(unsigned(s.N), unsigned(ceil_div(s.T, kBwdTileRows)));
   auto st = static_cast<cudaStream_t>(stream);
   int err = 0;
@@ -382,8 +383,7 @@ int gated_bwd_tiles(const void* gout, const void* g, int64_t g_stride, const voi
     with_nc(ceil_div(s.D, kPairThreads * VEC), [&](auto nc) {
       constexpr int NC = decltype(nc)::value;
       const size_t smem = pair_smem<NC>(1, 1);
-      static const bool fits = spill_free(gated_bwd_pair<TX, TM, NC, true>);
-      auto kernel = prefetch(variant, fits) ? gated_bwd_pair<TX, TM, NC, true> : gated_bwd_pair<TX, TM, NC, false>;
+      auto kernel = gated_bwd_pair<TX, TM, NC>;  // one variant: prefetching measured no faster (RESULTS.md)
       err = launch_attr(kernel, smem);
       if (err == 0)
         kernel<<<grid, kBlock, smem, st>>>(static_cast<const TX*>(gout), static_cast<const TM*>(g),

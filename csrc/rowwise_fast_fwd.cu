@@ -1,4 +1,4 @@
-// Fast path, forward and JVP of LayerNorm (no affine) + adaLN modulate: one warp per row (see rowwise_fast.h for
+// Fast path, forward and JVP of LayerNorm (no affine) + adaLN modulate: a warp per row (see rowwise_fast.h for
 // when it applies and the geometry). Formulas as in rowwise_cuda.cu's general kernels; reference:
 // dumo_engine/ops/rowwise_ref.py. No torch headers.
 #include <type_traits>
@@ -12,11 +12,13 @@ namespace {
 
 using namespace dev;
 
-// Whether a lane loads the modulation operands together with the row (PRE: in flight during the reductions, held
-// in registers across them) or after the statistics (fewer registers, so more warps per SM). kAuto preloads in the
-// kernels that ptxas compiled without spilling; set_cuda_fast_path(kNoPreload / kPreload) forces one choice
-// (benchmarks measure both).
-inline bool preload(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
+// The forward's variants (measured on an H100, benchmarks/RESULTS.md): a warp takes kFwdRows consecutive rows and
+// issues the next row's 16-byte loads of x before this row's reductions (ROWS = kFwdRows), or a single row (ROWS =
+// 1). kAuto takes the first in the kernels that ptxas compiled without spilling; set_cuda_fast_path(kNoPreload /
+// kPreload) forces one choice. Holding the modulation operands across the reductions instead (the first design)
+// was slower in every measured case (more registers, fewer warps) and is gone; so the JVP has one variant.
+constexpr int kFwdRows = 4;
+inline bool prefetch(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
 
 // NC = 16-byte chunks per lane: forward / JVP instantiate 2, 3, 4, 5, 6, 8 (D <= 2048 -> NC <= 8).
 template <typename F>
@@ -29,99 +31,89 @@ void with_nc(int64_t nc, F&& f) {
   else f(std::integral_constant<int, 8>{});
 }
 
+__device__ __forceinline__ int warp_col(int k, int lane) { return (k * 32 + lane) * VEC; }
+
+template <typename TX, int NC>
+__device__ __forceinline__ void load_x_row(Raw8<TX> (&r)[NC], const TX* __restrict__ xr, int D, int lane) {
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    if (warp_col(k, lane) < D) r[k].load(xr + warp_col(k, lane));
+    else r[k].zero();
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // LayerNorm (no affine) + adaLN modulate, NMOD modulations of one normalisation (2 = the dual final layer):
 //   mean = sum_D x / D,  rstd = 1 / sqrt(sum_D (x - mean)^2 / D + eps),  n = (x - mean) rstd
 //   y_k = n (1 + scale_k) + shift_k
-// One warp per row; x stays in registers (two-pass variance), the modulation chunks are loaded with x.
+// A warp per row, ROWS consecutive rows per warp (the next row's x in flight during this row's work); x stays in
+// registers (two-pass variance); the modulation chunks (per sample: L1/L2 hits) are loaded after the statistics.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename TX, typename TM, int NC, int NMOD, bool PRE>
+template <typename TX, typename TM, int NC, int NMOD, int ROWS>
 __global__ void __launch_bounds__(kRowWarps * 32, 4)
     ln_mod_fwd_warp(const TX* __restrict__ x, ModT<TM> m0, ModT<TM> m1, TM* __restrict__ y0, TM* __restrict__ y1,
                     float* __restrict__ mean, float* __restrict__ rstd, int64_t R, int64_t T, int D, float eps) {
   const int lane = threadIdx.x & 31;
-  const int64_t row = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
-  if (row >= R) return;  // the whole warp leaves: its shuffles stay complete
-  const int64_t n = row / T;
-  const TX* xr = x + row * D;
-  float xv[NC][VEC];
+  const int64_t row0 = (int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5)) * ROWS;
+  if (row0 >= R) return;  // the whole warp leaves: its shuffles stay complete
+  Raw8<TX> cur[NC], nxt[NC];
+  load_x_row<TX, NC>(cur, x + row0 * D, D, lane);
+#pragma unroll 1
+  for (int i = 0; i < ROWS; ++i) {
+    const int64_t row = row0 + i;
+    if (row >= R) break;  // warp-uniform
+    if (ROWS > 1 && i + 1 < ROWS && row + 1 < R) load_x_row<TX, NC>(nxt, x + (row + 1) * D, D, lane);
+    const int64_t n = row / T;
+    float xv[NC][VEC];
+    float s = 0.f;
 #pragma unroll
-  for (int k = 0; k < NC; ++k) {
-    const int c = (k * 32 + lane) * VEC;
-    if (c < D) {
-      load8(xr + c, xv[k]);
-    } else {
+    for (int k = 0; k < NC; ++k)
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) xv[k][j] = 0.f;
+      for (int j = 0; j < VEC; ++j) xv[k][j] = cur[k][j], s += xv[k][j];  // padding chunks are zeros
+    const float mu = warp_sum(s) / D;
+    float q = 0.f;
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      const bool ok = warp_col(k, lane) < D;
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        xv[k][j] = ok ? xv[k][j] - mu : 0.f;  // two-pass variance from registers
+        q += xv[k][j] * xv[k][j];
+      }
     }
-  }
-  Raw8<TM> pre[PRE ? 2 * NMOD : 1][PRE ? NC : 1];
-  if constexpr (PRE) {
+    const float rs = rsqrtf(warp_sum(q) / D + eps);
 #pragma unroll
     for (int m = 0; m < NMOD; ++m) {
       const ModT<TM> mm = m == 0 ? m0 : m1;
+      TM* yr = (m == 0 ? y0 : y1) + row * D;
 #pragma unroll
       for (int k = 0; k < NC; ++k) {
-        const int c = (k * 32 + lane) * VEC;
-        if (c < D) {
-          pre[2 * m][k].load(mm.shift + n * mm.ss + c);
-          pre[2 * m + 1][k].load(mm.scale + n * mm.sc + c);
-        } else {
-          pre[2 * m][k].zero();
-          pre[2 * m + 1][k].zero();
-        }
-      }
-    }
-  }
-  float s = 0.f;
-#pragma unroll
-  for (int k = 0; k < NC; ++k)
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) s += xv[k][j];
-  const float mu = warp_sum(s) / D;
-  float q = 0.f;
-#pragma unroll
-  for (int k = 0; k < NC; ++k) {
-    const bool ok = (k * 32 + lane) * VEC < D;
-#pragma unroll
-    for (int j = 0; j < VEC; ++j) {
-      xv[k][j] = ok ? xv[k][j] - mu : 0.f;  // two-pass variance from registers
-      q += xv[k][j] * xv[k][j];
-    }
-  }
-  const float rs = rsqrtf(warp_sum(q) / D + eps);
-#pragma unroll
-  for (int m = 0; m < NMOD; ++m) {
-    const ModT<TM> mm = m == 0 ? m0 : m1;
-    TM* yr = (m == 0 ? y0 : y1) + row * D;
-#pragma unroll
-    for (int k = 0; k < NC; ++k) {
-      const int c = (k * 32 + lane) * VEC;
-      if (c >= D) continue;
-      Raw8<TM> sh, sc;
-      if constexpr (PRE) {
-        sh = pre[2 * m][k];
-        sc = pre[2 * m + 1][k];
-      } else {
+        const int c = warp_col(k, lane);
+        if (c >= D) continue;
+        Raw8<TM> sh, sc;
         sh.load(mm.shift + n * mm.ss + c);
         sc.load(mm.scale + n * mm.sc + c);
-      }
-      float o[VEC];
+        float o[VEC];
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) o[j] = xv[k][j] * rs * (1.f + sc[j]) + sh[j];
-      store8(yr + c, o);
+        for (int j = 0; j < VEC; ++j) o[j] = xv[k][j] * rs * (1.f + sc[j]) + sh[j];
+        store8(yr + c, o);
+      }
+    }
+    if (lane == 0) mean[row] = mu, rstd[row] = rs;
+    if constexpr (ROWS > 1) {
+#pragma unroll
+      for (int k = 0; k < NC; ++k) cur[k] = nxt[k];
     }
   }
-  if (lane == 0) mean[row] = mu, rstd[row] = rs;
 }
 
 // ---------------------------------------------------------------------------------------------------------------
 // JVP of y = n (1 + scale) + shift along (x_dot, shift_dot, scale_dot), from the saved mean / rstd:
 //   n_dot = rstd (x_dot - sum_D(x_dot) / D - n sum_D(n x_dot) / D)
 //   y_dot = n_dot (1 + scale) + n scale_dot + shift_dot
-// One warp per row; the two row sums are reduced together.
+// One warp per row; the two row sums are reduced together; the modulation tangents are loaded after them.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename TX, typename TM, typename TY, int NC, bool PRE>
+template <typename TX, typename TM, typename TY, int NC>
 __global__ void __launch_bounds__(kRowWarps * 32, 4)
     ln_mod_jvp_warp(const TX* __restrict__ x, const float* __restrict__ x_dot, const float* __restrict__ mean,
                     const float* __restrict__ rstd, const TM* __restrict__ scale, int64_t ssc,
@@ -135,27 +127,13 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
   float nv[NC][VEC], xd[NC][VEC];
 #pragma unroll
   for (int k = 0; k < NC; ++k) {
-    const int c = (k * 32 + lane) * VEC;
+    const int c = warp_col(k, lane);
     if (c < D) {
       load8(x + row * D + c, nv[k]);
       load8(x_dot + row * D + c, xd[k]);
     } else {
 #pragma unroll
       for (int j = 0; j < VEC; ++j) nv[k][j] = xd[k][j] = 0.f;
-    }
-  }
-  Raw8<TM> pre[PRE ? 3 : 1][PRE ? NC : 1];
-  if constexpr (PRE) {
-#pragma unroll
-    for (int k = 0; k < NC; ++k) {
-      const int c = (k * 32 + lane) * VEC;
-      if (c < D) {
-        pre[0][k].load(scale + n * ssc + c);
-        pre[1][k].load(shift_dot + n * ssd + c);
-        pre[2][k].load(scale_dot + n * sscd + c);
-      } else {
-        pre[0][k].zero(), pre[1][k].zero(), pre[2][k].zero();
-      }
     }
   }
   float s0 = 0.f, s1 = 0.f;  // padding chunks: x_dot = 0 adds nothing to either sum
@@ -170,16 +148,12 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
   const float m0 = warp_sum(s0) / D, m1 = warp_sum(s1) / D;
 #pragma unroll
   for (int k = 0; k < NC; ++k) {
-    const int c = (k * 32 + lane) * VEC;
+    const int c = warp_col(k, lane);
     if (c >= D) continue;
     Raw8<TM> sc, sd, scd;
-    if constexpr (PRE) {
-      sc = pre[0][k], sd = pre[1][k], scd = pre[2][k];
-    } else {
-      sc.load(scale + n * ssc + c);
-      sd.load(shift_dot + n * ssd + c);
-      scd.load(scale_dot + n * sscd + c);
-    }
+    sc.load(scale + n * ssc + c);
+    sd.load(shift_dot + n * ssd + c);
+    scd.load(scale_dot + n * sscd + c);
     float o[VEC];
 #pragma unroll
     for (int j = 0; j < VEC; ++j)
@@ -193,7 +167,7 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
 int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
                float eps, DType tx, DType tm, int variant, void* stream) {
   const int64_t R = s.N * s.T;
-  const dim3 grid(unsigned(ceil_div(R, kRowWarps))), block(kRowWarps * 32);
+  const dim3 block(kRowWarps * 32);
   auto st = static_cast<cudaStream_t>(stream);
   with_fast_types(tx, tm, [&](auto txt, auto tmt) {
     using TX = typename decltype(txt)::type;
@@ -209,17 +183,18 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
     const TX* xp = static_cast<const TX*>(x);
     with_nc(ceil_div(s.D, 32 * VEC), [&](auto nc) {
       constexpr int NC = decltype(nc)::value;
-      auto launch = [&](auto kernel) {
+      auto launch = [&](auto kernel, int rows) {
+        const dim3 grid(unsigned(ceil_div(R, int64_t(kRowWarps) * rows)));
         kernel<<<grid, block, 0, st>>>(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps);
       };
       if (nmod == 2) {
-        static const bool fits = spill_free(ln_mod_fwd_warp<TX, TM, NC, 2, true>);
-        if (preload(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 2, true>);
-        else launch(ln_mod_fwd_warp<TX, TM, NC, 2, false>);
+        static const bool fits = spill_free(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>);
+        if (prefetch(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>, kFwdRows);
+        else launch(ln_mod_fwd_warp<TX, TM, NC, 2, 1>, 1);
       } else {
-        static const bool fits = spill_free(ln_mod_fwd_warp<TX, TM, NC, 1, true>);
-        if (preload(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 1, true>);
-        else launch(ln_mod_fwd_warp<TX, TM, NC, 1, false>);
+        static const bool fits = spill_free(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>);
+        if (prefetch(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>, kFwdRows);
+        else launch(ln_mod_fwd_warp<TX, TM, NC, 1, 1>, 1);
       }
     });
   });
@@ -228,8 +203,8 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
 
 int ln_mod_jvp(const void* x, const float* x_dot, const float* mean, const float* rstd, const void* scale,
                int64_t scale_stride, const void* shift_dot, int64_t shift_dot_stride, const void* scale_dot,
-               int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm, int variant,
-               void* stream) {
+               int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm,
+               int /*variant: one JVP kernel*/, void* stream) {
   const int64_t R = s.N * s.T;
   const dim3 grid(unsigned(ceil_div(R, kRowWarps))), block(kRowWarps * 32);
   auto st = static_cast<cudaStream_t>(stream);
@@ -240,10 +215,7 @@ int ln_mod_jvp(const void* x, const float* x_dot, const float* mean, const float
       constexpr int NC = decltype(nc)::value;
       auto launch = [&](auto tyt) {
         using TY = typename decltype(tyt)::type;
-        static const bool fits = spill_free(ln_mod_jvp_warp<TX, TM, TY, NC, true>);
-        auto kernel = preload(variant, fits) ? ln_mod_jvp_warp<TX, TM, TY, NC, true>
-                                             : ln_mod_jvp_warp<TX, TM, TY, NC, false>;
-        kernel<<<grid, block, 0, st>>>(
+        ln_mod_jvp_warp<TX, TM, TY, NC><<<grid, block, 0, st>>>(
             static_cast<const TX*>(x), x_dot, mean, rstd, static_cast<const TM*>(scale), scale_stride,
             static_cast<const TM*>(shift_dot), shift_dot_stride, static_cast<const TM*>(scale_dot),
             scale_dot_stride, static_cast<TY*>(y_dot), R, s.T, int(s.D));
