@@ -1,14 +1,15 @@
 // pybind11 bindings (through torch's extension machinery) of dumo_engine._C.
 #include <torch/extension.h>
 
+#include <stdexcept>
+
 #include "rowwise_ops.h"
 
 namespace {
 
-// Each op runs inside this wrapper, which turns the glue's c10 errors into Python exceptions itself (TypeError for
-// dtype problems, RuntimeError for the rest; the message without the C++ backtrace) instead of leaving them to
-// torch's exception translator: on the GPU image (torch 2.11) a c10 error escaping this extension crashed the
-// process (seen on an H200 and an H100, 2026-11-27) while the same checks raise cleanly under torch 2.13 here.
+// Each op runs inside this wrapper, which turns the glue's errors into Python exceptions itself (TypeError for
+// dtype problems, RuntimeError for the rest; c10 messages without the C++ backtrace) rather than through torch's
+// and pybind11's translators (see rowwise.cpp on the crash under torch 2.11 that this and DUMO_CHECK avoid).
 template <typename R, typename... A>
 auto guarded(R (*f)(A...)) {
   return [f](A... a) -> R {
@@ -18,6 +19,8 @@ auto guarded(R (*f)(A...)) {
       PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
     } catch (const c10::Error& e) {
       PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    } catch (const std::exception& e) {  // the glue's shape / layout / device checks (rowwise.cpp)
+      PyErr_SetString(PyExc_RuntimeError, e.what());
     }
     throw py::error_already_set();
   };

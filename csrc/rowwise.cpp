@@ -5,6 +5,9 @@
 
 #include <ATen/ATen.h>
 
+#include <stdexcept>
+#include <string>
+
 #ifdef DUMO_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -13,13 +16,23 @@
 
 #include "rowwise.h"
 
-// Value problems (shapes, layout, counts) raise RuntimeError through TORCH_CHECK, not ValueError through
-// TORCH_CHECK_VALUE: on the GPU image (torch 2.11) a c10::ValueError thrown from this extension crashed the
-// process (seen 2026-11-27 on an H200), while c10::Error and c10::TypeError translate correctly on 2.11 and 2.13.
-#define DUMO_CHECK_VALUE(cond, ...) TORCH_CHECK(cond, __VA_ARGS__)
+// Shape, layout, device and count problems raise std::runtime_error (Python RuntimeError), with sizes formatted
+// here (dims()); dtype problems raise c10::TypeError through TORCH_CHECK_TYPE (Python TypeError). On the GPU image
+// (torch 2.11) a failing TORCH_CHECK / TORCH_CHECK_VALUE whose message streamed t.sizes() crashed the process (H200
+// and H100, 2026-11-27; under torch 2.13 here they raise cleanly), while the TypeError checks raised fine there.
+#define DUMO_CHECK(cond, ...)                                  \
+  do {                                                         \
+    if (!(cond)) throw std::runtime_error(c10::str(__VA_ARGS__)); \
+  } while (0)
 
 namespace dumo {
 namespace {
+
+std::string dims(c10::IntArrayRef a) {  // "[2, 16]"
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
 
 DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
   switch (t.scalar_type()) {
@@ -34,41 +47,41 @@ DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
 }
 
 void check_defined(const at::Tensor& t, const char* op, const char* name) {
-  DUMO_CHECK_VALUE(t.defined(), "dumo_engine._C.", op, ": ", name, " is undefined (None)");
+  DUMO_CHECK(t.defined(), "dumo_engine._C.", op, ": ", name, " is undefined (None)");
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), "dumo_engine._C.", op, ": ", name, " is on ", t.device(),
-              " but x is on ", x.device(), "; all inputs must be on one device");
+  DUMO_CHECK(t.device() == x.device(), "dumo_engine._C.", op, ": ", name, " is on ", t.device().str(),
+              " but x is on ", x.device().str(), "; all inputs must be on one device");
 }
 
 // (N, T, D) row tensor: contiguous, same shape and device as the reference row tensor x.
 void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
   check_defined(t, op, name);
   check_same_device(t, x, op, name);
-  DUMO_CHECK_VALUE(t.sizes() == x.sizes(), "dumo_engine._C.", op, ": ", name, " has shape ", t.sizes(),
-                    " but x has shape ", x.sizes());
-  DUMO_CHECK_VALUE(t.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
-                    t.strides(), "); call .contiguous() first");
+  DUMO_CHECK(t.sizes() == x.sizes(), "dumo_engine._C.", op, ": ", name, " has shape ", dims(t.sizes()),
+                    " but x has shape ", dims(x.sizes()));
+  DUMO_CHECK(t.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
+                    dims(t.strides()), "); call .contiguous() first");
 }
 
 void check_bwd_grid(const at::Tensor& x, Shape s, const char* op) {
   if (x.is_cuda())
-    DUMO_CHECK_VALUE(s.T <= int64_t(65535) * kBwdTileRows, "dumo_engine._C.", op, ": ", s.T,
+    DUMO_CHECK(s.T <= int64_t(65535) * kBwdTileRows, "dumo_engine._C.", op, ": ", s.T,
                      " rows per sample exceed the CUDA backward grid (", int64_t(65535) * kBwdTileRows, ")");
 }
 
 Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
   check_defined(x, op, name);
-  DUMO_CHECK_VALUE(x.dim() == 3, "dumo_engine._C.", op, ": ", name, " must be (N, T, D), got ", x.dim(),
-                    " dims with shape ", x.sizes());
-  DUMO_CHECK_VALUE(x.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
-                    x.strides(), "); call .contiguous() first");
-  TORCH_CHECK(x.is_cpu() || x.is_cuda(), "dumo_engine._C.", op, ": unsupported device ", x.device());
+  DUMO_CHECK(x.dim() == 3, "dumo_engine._C.", op, ": ", name, " must be (N, T, D), got ", x.dim(),
+                    " dims with shape ", dims(x.sizes()));
+  DUMO_CHECK(x.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
+                    dims(x.strides()), "); call .contiguous() first");
+  DUMO_CHECK(x.is_cpu() || x.is_cuda(), "dumo_engine._C.", op, ": unsupported device ", x.device().str());
   const Shape s{x.size(0), x.size(1), x.size(2)};
-  DUMO_CHECK_VALUE(s.D > 0, "dumo_engine._C.", op, ": hidden size D must be positive");
+  DUMO_CHECK(s.D > 0, "dumo_engine._C.", op, ": hidden size D must be positive");
   if (x.is_cuda())
-    DUMO_CHECK_VALUE(s.D <= kMaxHidden, "dumo_engine._C.", op, ": hidden size ", s.D, " exceeds the CUDA kernels' ",
+    DUMO_CHECK(s.D <= kMaxHidden, "dumo_engine._C.", op, ": hidden size ", s.D, " exceeds the CUDA kernels' ",
                      kMaxHidden);
   return s;
 }
@@ -77,10 +90,10 @@ Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
 void check_vec(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name) {
   check_defined(t, op, name);
   check_same_device(t, x, op, name);
-  DUMO_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.D, "dumo_engine._C.", op, ": ", name,
-                    " must have shape (N, D) = (", s.N, ", ", s.D, "), got ", t.sizes());
-  DUMO_CHECK_VALUE(t.stride(1) == 1 || s.D == 1, "dumo_engine._C.", op, ": ", name,
-                    " must have a contiguous last dimension (stride 1), got strides ", t.strides());
+  DUMO_CHECK(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.D, "dumo_engine._C.", op, ": ", name,
+                    " must have shape (N, D) = (", s.N, ", ", s.D, "), got ", dims(t.sizes()));
+  DUMO_CHECK(t.stride(1) == 1 || s.D == 1, "dumo_engine._C.", op, ": ", name,
+                    " must have a contiguous last dimension (stride 1), got strides ", dims(t.strides()));
 }
 
 void check_stats(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name) {
@@ -88,9 +101,9 @@ void check_stats(const at::Tensor& t, const at::Tensor& x, Shape s, const char* 
   check_same_device(t, x, op, name);
   TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "dumo_engine._C.", op, ": ", name, " must be float32, got ",
                    t.scalar_type());
-  DUMO_CHECK_VALUE(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.T && t.is_contiguous(), "dumo_engine._C.",
+  DUMO_CHECK(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.T && t.is_contiguous(), "dumo_engine._C.",
                     op, ": ", name, " must be a contiguous (N, T) = (", s.N, ", ", s.T, ") tensor, got shape ",
-                    t.sizes(), " strides ", t.strides());
+                    dims(t.sizes()), " strides ", dims(t.strides()));
 }
 
 void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
@@ -105,7 +118,7 @@ bool use_cuda(const at::Tensor& x, const char* op) {
 #ifdef DUMO_WITH_CUDA
   return true;
 #else
-  TORCH_CHECK(false, "dumo_engine._C.", op, ": got CUDA tensors, but this build of dumo_engine._C has the C++ CPU "
+  DUMO_CHECK(false, "dumo_engine._C.", op, ": got CUDA tensors, but this build of dumo_engine._C has the C++ CPU "
               "twins only (built against a CPU torch or without nvcc); rebuild with `pip install -e .` on a CUDA "
               "machine");
   return false;
@@ -114,7 +127,7 @@ bool use_cuda(const at::Tensor& x, const char* op) {
 
 #ifdef DUMO_WITH_CUDA
 void check_launch(int err, const char* op) {
-  TORCH_CHECK(err == 0, "dumo_engine._C.", op, ": CUDA kernel launch failed: ",
+  DUMO_CHECK(err == 0, "dumo_engine._C.", op, ": CUDA kernel launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
 #define DUMO_CUDA_CONTEXT(x) \
@@ -129,7 +142,7 @@ std::vector<at::Tensor> ln_mod_fwd(const at::Tensor& x, const std::vector<at::Te
   const char* op = "ln_mod_fwd";
   const Shape s = check_x(x, op);
   const int nmod = int(shifts.size());
-  DUMO_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == shifts.size(), "dumo_engine._C.", op,
+  DUMO_CHECK(nmod >= 1 && nmod <= 2 && scales.size() == shifts.size(), "dumo_engine._C.", op,
                     ": needs one or two (shift, scale) pairs, got ", shifts.size(), " shifts and ", scales.size(),
                     " scales");
   const DType tx = dtype_of(x, op, "x");
@@ -202,7 +215,7 @@ std::vector<at::Tensor> ln_mod_bwd(const std::vector<at::Tensor>& gys, const at:
   const Shape s = check_x(x, op);
   check_bwd_grid(x, s, op);
   const int nmod = int(gys.size());
-  DUMO_CHECK_VALUE(nmod >= 1 && nmod <= 2 && scales.size() == gys.size(), "dumo_engine._C.", op,
+  DUMO_CHECK(nmod >= 1 && nmod <= 2 && scales.size() == gys.size(), "dumo_engine._C.", op,
                     ": needs one or two (gy, scale) pairs, got ", gys.size(), " gys and ", scales.size(), " scales");
   check_stats(mean, x, s, op, "mean");
   check_stats(rstd, x, s, op, "rstd");
@@ -321,12 +334,12 @@ std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, c
 
 int cuda_fast_path(int variant) {
 #ifdef DUMO_WITH_CUDA
-  TORCH_CHECK(variant >= -1 && variant <= 3, "dumo_engine._C.cuda_fast_path: variant must be -1 (query), 0 (general "
+  DUMO_CHECK(variant >= -1 && variant <= 3, "dumo_engine._C.cuda_fast_path: variant must be -1 (query), 0 (general "
               "kernels only), 1 (fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload); got ",
               variant);
   return set_cuda_fast_path(variant);
 #else
-  TORCH_CHECK(false, "dumo_engine._C.cuda_fast_path: this build of dumo_engine._C has no CUDA kernels");
+  DUMO_CHECK(false, "dumo_engine._C.cuda_fast_path: this build of dumo_engine._C has no CUDA kernels");
   return 0;
 #endif
 }

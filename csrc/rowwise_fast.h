@@ -6,8 +6,8 @@
 // other 4 are legal but unusual and take the general path).
 //
 // Forward and JVP: one warp per row, each lane holding NC = ceil(D / 256) chunks of 8 columns, chunk k of lane l
-// at columns (32 k + l) * 8: all of a lane's 16-byte loads (x, and the modulations when they fit in registers) are
-// issued before the first reduction, and the row sums are warp shuffles only (no shared memory, no block barrier).
+// at columns (32 k + l) * 8: all of a lane's 16-byte loads of the row are issued before the first reduction (the
+// forward also the next row's), and the row sums are warp shuffles only (no shared memory, no block barrier).
 // Backward: a block per (sample, tile of kBwdTileRows rows), a pair of warps per row (NC = ceil(D / 512) chunks
 // per lane), kBwdSlots rows at a time; the next row's loads are issued before this row's reductions; the two
 // warps of a row combine their row sums through shared memory under a 64-thread named barrier. Column sums
@@ -25,10 +25,11 @@ constexpr int kFastMaxHidden = 2048;
 constexpr int kRowWarps = 4;  // forward / JVP: warps (= rows) per block
 constexpr int kBwdSlots = 4;  // backward: rows in flight per block, a warp pair each (256 threads)
 
-// Variants of the fast path (set_cuda_fast_path's argument; 0 = the general kernels only). kAuto: each kernel holds
-// operands in registers ahead of use (forward/JVP: the modulations during the reductions; backward: the next row)
-// when its estimate of the registers that takes fits, else loads them when needed. kNoPreload / kPreload force one
-// choice for every shape, so a benchmark can measure both.
+// Variants of the fast path (set_cuda_fast_path's argument; 0 = the general kernels only). kPreload: the forward
+// and the LayerNorm backward issue the next row's loads before this row's reductions (two rows of operands in
+// registers); kNoPreload: one row at a time; kAuto (the default): the first where the compiled kernel spills at most
+// kSpillSlack bytes, else the second. The JVP and the gated backward have one kernel each (measured: holding more
+// in registers did not pay). Benchmarks and tests run every variant.
 constexpr int kGeneral = 0, kAuto = 1, kNoPreload = 2, kPreload = 3;
 
 constexpr int kNotApplicable = -1;  // a fast launcher's answer when this card cannot run it (cudaError_t is >= 0)

@@ -19,7 +19,7 @@ constexpr int kIters = kBwdTileRows / kBwdSlots;  // rows per warp pair per tile
 static_assert(kBwdTileRows % kBwdSlots == 0, "a tile is a whole number of slot rounds");
 
 // Whether the next row's loads are issued before this row's reductions (PF; two rows of operands in registers).
-// kAuto prefetches in the kernels that ptxas compiled without spilling (set_cuda_fast_path forces one choice).
+// kAuto prefetches in the kernels that spill at most kSpillSlack bytes (set_cuda_fast_path forces one choice).
 inline bool prefetch(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
 
 // NC = 16-byte chunks per lane of a warp pair: 1..4 (D <= 2048).
@@ -359,11 +359,11 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
                                              int(s.D));
       };
       if (nmod == 2) {
-        static const bool fits = spill_free(ln_mod_bwd_pair<TX, TM, NC, 2, true>);
+        static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 2, true>);
         if (prefetch(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 2, true>, pair_smem<NC>(2, 4));
         else launch(ln_mod_bwd_pair<TX, TM, NC, 2, false>, pair_smem<NC>(2, 4));
       } else {
-        static const bool fits = spill_free(ln_mod_bwd_pair<TX, TM, NC, 1, true>);
+        static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 1, true>);
         if (prefetch(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 1, true>, pair_smem<NC>(1, 2));
         else launch(ln_mod_bwd_pair<TX, TM, NC, 1, false>, pair_smem<NC>(1, 2));
       }

@@ -14,7 +14,7 @@ using namespace dev;
 
 // The forward's variants (measured on an H100, benchmarks/RESULTS.md): a warp takes kFwdRows consecutive rows and
 // issues the next row's 16-byte loads of x before this row's reductions (ROWS = kFwdRows), or a single row (ROWS =
-// 1). kAuto takes the first in the kernels that ptxas compiled without spilling; set_cuda_fast_path(kNoPreload /
+// 1). kAuto takes the first in the kernels that spill at most kSpillSlack bytes; set_cuda_fast_path(kNoPreload /
 // kPreload) forces one choice. Holding the modulation operands across the reductions instead (the first design)
 // was slower in every measured case (more registers, fewer warps) and is gone; so the JVP has one variant.
 constexpr int kFwdRows = 4;
@@ -188,11 +188,11 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
         kernel<<<grid, block, 0, st>>>(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps);
       };
       if (nmod == 2) {
-        static const bool fits = spill_free(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>);
+        static const bool fits = spills_at_most(kSpillSlack, ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>);
         if (prefetch(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>, kFwdRows);
         else launch(ln_mod_fwd_warp<TX, TM, NC, 2, 1>, 1);
       } else {
-        static const bool fits = spill_free(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>);
+        static const bool fits = spills_at_most(kSpillSlack, ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>);
         if (prefetch(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>, kFwdRows);
         else launch(ln_mod_fwd_warp<TX, TM, NC, 1, 1>, 1);
       }
