@@ -7,6 +7,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 #ifdef DUMO_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
@@ -16,16 +17,39 @@
 
 #include "rowwise.h"
 
-// Shape, layout, device and count problems raise std::runtime_error (Python RuntimeError), with sizes formatted
-// here (dims()); dtype problems raise c10::TypeError through TORCH_CHECK_TYPE (Python TypeError). On the GPU image
-// (torch 2.11) a failing TORCH_CHECK / TORCH_CHECK_VALUE whose message streamed t.sizes() crashed the process (H200
-// and H100, 2026-11-27; under torch 2.13 here they raise cleanly), while the TypeError checks raised fine there.
-#define DUMO_CHECK(cond, ...)                                  \
-  do {                                                         \
-    if (!(cond)) throw std::runtime_error(c10::str(__VA_ARGS__)); \
+// Error messages are built by msg() below -- plain string concatenation, numbers through std::to_string -- and
+// never through an iostream in this library: on the GPU image (torch 2.11) every failing check whose message
+// streamed a number (t.sizes(), N, D; TORCH_CHECK, TORCH_CHECK_VALUE and a std::runtime_error alike) crashed the
+// process (H200 and H100, 2026-11-27) while the checks whose messages held only strings raised cleanly; under torch
+// 2.13 here all of them raise. Shape, layout, device and count problems raise std::runtime_error (Python
+// RuntimeError); dtype problems raise c10::TypeError (Python TypeError). bindings.cpp turns both into Python
+// exceptions itself.
+#define DUMO_CHECK(cond, ...)                                           \
+  do {                                                                  \
+    if (!(cond)) throw std::runtime_error(::dumo::msg(__VA_ARGS__));    \
+  } while (0)
+#define DUMO_CHECK_TYPE(cond, ...)                                      \
+  do {                                                                  \
+    if (!(cond)) C10_THROW_ERROR(TypeError, ::dumo::msg(__VA_ARGS__));  \
   } while (0)
 
 namespace dumo {
+
+inline void append(std::string& s, const char* v) { s += v; }
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, c10::ScalarType t) { s += c10::toString(t); }
+template <typename T, std::enable_if_t<std::is_integral_v<T> && !std::is_same_v<T, bool>, int> = 0>
+void append(std::string& s, T v) {
+  s += std::to_string(v);
+}
+
+template <typename... A>
+std::string msg(const A&... a) {
+  std::string s;
+  (append(s, a), ...);
+  return s;
+}
+
 namespace {
 
 std::string dims(c10::IntArrayRef a) {  // "[2, 16]"
@@ -40,7 +64,7 @@ DType dtype_of(const at::Tensor& t, const char* op, const char* name) {
     case at::kBFloat16: return DType::BF16;
     case at::kHalf: return DType::F16;
     default:
-      TORCH_CHECK_TYPE(false, "dumo_engine._C.", op, ": ", name, " has dtype ", t.scalar_type(),
+      DUMO_CHECK_TYPE(false, "dumo_engine._C.", op, ": ", name, " has dtype ", t.scalar_type(),
                        "; supported: float32, bfloat16, float16");
   }
   return DType::F32;
@@ -99,7 +123,7 @@ void check_vec(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op
 void check_stats(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name) {
   check_defined(t, op, name);
   check_same_device(t, x, op, name);
-  TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat, "dumo_engine._C.", op, ": ", name, " must be float32, got ",
+  DUMO_CHECK_TYPE(t.scalar_type() == at::kFloat, "dumo_engine._C.", op, ": ", name, " must be float32, got ",
                    t.scalar_type());
   DUMO_CHECK(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.T && t.is_contiguous(), "dumo_engine._C.",
                     op, ": ", name, " must be a contiguous (N, T) = (", s.N, ", ", s.T, ") tensor, got shape ",
@@ -107,7 +131,7 @@ void check_stats(const at::Tensor& t, const at::Tensor& x, Shape s, const char* 
 }
 
 void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const char* name, const char* why) {
-  TORCH_CHECK_TYPE(t.scalar_type() == want, "dumo_engine._C.", op, ": ", name, " has dtype ", t.scalar_type(),
+  DUMO_CHECK_TYPE(t.scalar_type() == want, "dumo_engine._C.", op, ": ", name, " has dtype ", t.scalar_type(),
                    " but must be ", want, " (", why, ")");
 }
 
