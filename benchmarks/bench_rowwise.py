@@ -12,8 +12,8 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
   python benchmarks/bench_rowwise.py --cpu            # CPU twins vs PyTorch, fp32, N=8
   python benchmarks/bench_rowwise.py --quick          # tiny shapes, few iterations (the test suite's smoke run)
   python benchmarks/bench_rowwise.py --cuda-variants  # also the CUDA kernel variants (csrc/rowwise_fast.h):
-      cuda-general (the general kernels only), cuda-nopreload / cuda-preload (fast path, operands held ahead of use
-      never / always); the "cuda" rows are the default choice
+      cuda-general (the general kernels only), cuda-nopreload / cuda-preload (fast path without / with the next
+      row's loads in flight: forward and LayerNorm backward); the "cuda" rows are the default choice
 """
 from __future__ import annotations
 
@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (smoke run)")
     p.add_argument("--iters", type=int, default=0)
     p.add_argument("--cuda-variants", action="store_true",
-                   help="also time the CUDA kernel variants (general kernels only; fast path with/without preload)")
+                   help="also time the CUDA kernel variants (general kernels only; fast path without/with next-row loads)")
     p.add_argument("--out", default=None, help="append rows as JSONL here")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")

@@ -13,6 +13,8 @@
 // Backward column sums (over the T rows of a sample) are accumulated per kBwdTileRows-row tile in registers, reduced over
 // blockDim.y in shared memory, written as fp32 partials and summed in a second small kernel in a fixed order:
 // deterministic, no atomics.
+#include <atomic>
+
 #include "rowwise_device.cuh"
 #include "rowwise_fast.h"
 
@@ -21,7 +23,9 @@ namespace {
 
 using namespace dev;
 
-int g_variant = fast::kAuto;  // set_cuda_fast_path: fast::kGeneral (the general kernels only), kAuto, ...
+// set_cuda_fast_path: fast::kGeneral (the general kernels only), kAuto, ...; atomic: launches on other host threads
+// may read it while it is set.
+std::atomic<int> g_variant{fast::kAuto};
 
 // The (up to) 8 columns this thread owns in a row of D.
 template <bool V>
@@ -407,14 +411,15 @@ unsigned flat_grid(int64_t total, int per) {
 
 int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
                     float eps, DType tx, DType tm, void* stream) {
+  const int variant = g_variant.load();  // one read per call
   const int64_t R = s.N * s.T;
   if (R == 0) return 0;
   bool vec = s.D % VEC == 0 && aligned16(x);
   for (int k = 0; k < nmod; ++k)
     vec = vec && aligned16(mods[k].shift) && aligned16(mods[k].scale) && aligned16(ys[k]) &&
           mods[k].shift_stride % VEC == 0 && mods[k].scale_stride % VEC == 0;
-  if (vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm))
-    return fast::ln_mod_fwd(x, mods, nmod, ys, mean, rstd, s, eps, tx, tm, g_variant, stream);
+  if (vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm))
+    return fast::ln_mod_fwd(x, mods, nmod, ys, mean, rstd, s, eps, tx, tm, variant, stream);
   const Geo geo = geometry(s.D);
   const dim3 grid(unsigned(ceil_div(R, geo.rpb)));
   auto st = static_cast<cudaStream_t>(stream);
@@ -448,14 +453,15 @@ int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const 
                     int64_t scale_stride, const void* shift_dot, int64_t shift_dot_stride, const void* scale_dot,
                     int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm,
                     void* stream) {
+  const int variant = g_variant.load();  // one read per call
   const int64_t R = s.N * s.T;
   if (R == 0) return 0;
   const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(x_dot) && aligned16(scale) && aligned16(shift_dot) &&
                    aligned16(scale_dot) && aligned16(y_dot) && scale_stride % VEC == 0 &&
                    shift_dot_stride % VEC == 0 && scale_dot_stride % VEC == 0;
-  if (vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm))
+  if (vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm))
     return fast::ln_mod_jvp(x, x_dot, mean, rstd, scale, scale_stride, shift_dot, shift_dot_stride, scale_dot,
-                            scale_dot_stride, y_dot, y_dot_f32, s, tx, tm, g_variant, stream);
+                            scale_dot_stride, y_dot, y_dot_f32, s, tx, tm, variant, stream);
   const Geo geo = geometry(s.D);
   const dim3 grid(unsigned(ceil_div(R, geo.rpb)));
   auto st = static_cast<cudaStream_t>(stream);
@@ -483,6 +489,7 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
                     const void* const* scales, const int64_t* scale_strides, int nmod, void* gx,
                     void* const* gshifts, void* const* gscales, float* partial, Shape s, DType tx, DType tm,
                     void* stream) {
+  const int variant = g_variant.load();  // one read per call
   if (s.N * s.D == 0) return 0;
   bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(gx);
   for (int k = 0; k < nmod; ++k)
@@ -507,9 +514,9 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
                                                                  rstd, c0, scale_strides[0], c1, s1,       \
                                                                  static_cast<TX*>(gx), partial, s.N, s.T, int(s.D))
       bool done = s.T == 0;  // no rows: gx is empty; the column sums are zeros (colsum over zero tiles below)
-      if (!done && vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
+      if (!done && vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
         const int r = fast::ln_mod_bwd_tiles(gys, x, mean, rstd, scales, scale_strides, nmod, gx, partial, s, tx,
-                                             tm, g_variant, stream);
+                                             tm, variant, stream);
         if (r != fast::kNotApplicable) check = r, done = true;  // else: too little shared memory on this card
       }
       if (!done) {
@@ -582,6 +589,7 @@ int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const vo
 
 int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, void* gg,
                    float* partial, Shape s, DType tx, DType tm, void* stream) {
+  const int variant = g_variant.load();  // one read per call
   if (s.N * s.D == 0) return 0;
   const bool vec = s.D % VEC == 0 && aligned16(gout) && aligned16(g) && aligned16(h) && aligned16(gh) &&
                    g_stride % VEC == 0;
@@ -600,8 +608,8 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
       auto hp = static_cast<const TM*>(h);
       auto ghp = static_cast<TM*>(gh);
       bool done = s.T == 0;  // no rows: gh is empty; gg is zeros (colsum over zero tiles below)
-      if (!done && vec && g_variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
-        const int r = fast::gated_bwd_tiles(gout, g, g_stride, h, gh, partial, s, tx, tm, g_variant, stream);
+      if (!done && vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
+        const int r = fast::gated_bwd_tiles(gout, g, g_stride, h, gh, partial, s, tx, tm, variant, stream);
         if (r != fast::kNotApplicable) check = r, done = true;  // else: too little shared memory on this card
       }
       if (!done) {
@@ -623,9 +631,8 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
 }
 
 int set_cuda_fast_path(int variant) {
-  const int was = g_variant;
-  if (variant >= fast::kGeneral && variant <= fast::kPreload) g_variant = variant;
-  return was;
+  if (variant >= fast::kGeneral && variant <= fast::kPreload) return g_variant.exchange(variant);
+  return g_variant.load();
 }
 
 }  // namespace dumo

@@ -23,7 +23,7 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension not built: {r
 
 CASES = [("cpp", "cpu")]
 # The CUDA kernels run under each process-wide kernel choice of dumo_engine._C.cuda_fast_path: the default, the
-# general kernels only, and the fast path with and without operands held ahead of use (csrc/rowwise_fast.h).
+# general kernels only, and the fast path without and with the next row's loads in flight (csrc/rowwise_fast.h).
 CUDA_VARIANTS = {"cuda": 1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3}
 if HAS_CUDA:
     CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
