@@ -6,6 +6,8 @@
 # Run from the repository root on the lent GPU machine (device tool), e.g.
 #   run(command="bash benchmarks/gpu_suite.sh", timeout_s=560)           [add carry [".whl"] once wheels are needed]
 # It uses the machine's own python3/torch/triton (no pip install of this package: its torch pin is for CPU boxes).
+# PROFILE=1: build, then Nsight Compute (if the image has ncu) on the row-wise kernels still below 80% of the copy
+# bandwidth, sections written to ncu.csv (benchmarks/profile_rowwise.py runs the ops).
 # QUICK=1 (about 5 minutes): build, the CUDA row-wise tests under every kernel variant and the fused pass on them,
 # bench_rowwise with the CUDA kernel variants (XL/2 rows with torch.compile, B/2 rows without), and the B/2 train
 # step with and without the row-wise kernels.
@@ -33,6 +35,24 @@ stamp "build dumo_engine._C with CUDA (TORCH_CUDA_ARCH_LIST=9.0a)"
 TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 200 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build exit $?" | tee -a "$LOG"; tail -n 3 "$OUT/build.log"
 python3 -c "import torch, dumo_engine._C as C; print('dumo_engine._C with_cuda =', C.with_cuda())" 2>&1 | tee -a "$LOG"
+
+if [ "${PROFILE:-0}" = 1 ]; then  # after the build: Nsight Compute on the kernels still below 80% of copy bandwidth
+  stamp "profile (ncu) ln_mod_jvp XL/2, ln_dual_bwd XL/2 and B/2, ln_mod_bwd B/2 (bf16, default kernels)"
+  if command -v ncu >/dev/null 2>&1; then
+    for spec in "ln_mod_jvp XL/2 3" "ln_dual_bwd XL/2 6" "ln_mod_bwd B/2 6" "ln_dual_bwd B/2 6"; do
+      set -- $spec  # op, shape, launches to skip (3 warm-up calls; a backward call is two launches)
+      timeout 90 ncu --csv --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        -k regex:'ln_mod|gated|colsum' --launch-skip "$3" --launch-count 2 \
+        python3 benchmarks/profile_rowwise.py --ops "$1" --shape "$2" --dtype bf16 --warmup 3 --repeat 1 \
+        >> "$OUT/ncu.csv" 2>> "$LOG"
+      echo "ncu $1 $2 exit $?" | tee -a "$LOG"
+    done
+  else
+    echo "ncu not found on this machine" | tee -a "$LOG"
+  fi
+  stamp "done (profile)"
+  exit 0
+fi
 
 if [ "$QUICK" = 1 ]; then
   stamp "GPU tests (quick): CUDA row-wise kernels under every kernel variant, the fused pass on them"
