@@ -22,7 +22,12 @@ def _randomized(seed: int):
 
 
 def test_jvp_on_cuda_matches_cpu_reference(monkeypatch):
-    """The reference JVP on CUDA (flash/efficient SDPA off under forward AD) equals the CPU result."""
+    """The reference JVP on CUDA (flash/efficient SDPA off under forward AD, fp32 inside autocast) is as accurate as
+    the CPU result: both against float64 math on the CPU, CUDA's error at most 2x the CPU float32 error (+ 1e-4).
+
+    Not CUDA against CPU float32 directly: the tangent output is ill-conditioned in t (the sinusoidal time
+    embedding's high frequencies; a 1e-7 relative change of t moves it by ~2e-2 here), so float32 on the CPU is
+    itself off by up to ~5e-3 from float64 and two correct float32 results differ by that much."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)  # TF32 convs would exceed the fp32 tolerance
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     m = _randomized(0)
@@ -32,12 +37,16 @@ def test_jvp_on_cuda_matches_cpu_reference(monkeypatch):
     h = t * 0.5
     y = torch.randint(0, 10, (4,), generator=g)
     cpu = flow_map_jvp(lambda *i: m(*i, y, heads="vu"), z, t, h, a)
+    m64 = _randomized(0).double()
+    exact = flow_map_jvp(lambda *i: m64(*i, y, heads="vu"), z.double(), t.double(), h.double(), a.double())
     mc = m.cuda()
     with autocast_ctx(torch.device("cuda"), "bf16"):
         gpu = flow_map_jvp(lambda *i: mc(*i, y.cuda(), heads="vu"), z.cuda(), t.cuda(), h.cuda(), a.cuda())
     assert gpu[2].dtype == torch.float32
-    for c, g_ in zip(cpu, gpu):
-        torch.testing.assert_close(g_.cpu(), c, rtol=1e-3, atol=1e-4)
+    for name, c, g_, e in zip(("v", "u", "du"), cpu, gpu, exact):
+        cpu_err = (c.double() - e).abs().max().item()
+        gpu_err = (g_.detach().cpu().double() - e).abs().max().item()
+        assert gpu_err <= 2 * cpu_err + 1e-4, f"{name}: CUDA error {gpu_err:.3g} > 2x CPU float32 error {cpu_err:.3g}"
 
 
 def test_bf16_dumo_step_on_cuda():
