@@ -427,14 +427,9 @@ int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, f
     with_type(tm, [&](auto tmt) {
       using TX = typename decltype(txt)::type;
       using TM = typename decltype(tmt)::type;
-      const ModT<TM> m0{static_cast<const TM*>(mods[0].shift), static_cast<const TM*>(mods[0].scale),
-                        mods[0].shift_stride, mods[0].scale_stride};
-      const ModT<TM> m1 = nmod == 2 ? ModT<TM>{static_cast<const TM*>(mods[1].shift),
-                                                static_cast<const TM*>(mods[1].scale), mods[1].shift_stride,
-                                                mods[1].scale_stride}
-                                     : m0;
+      const ModT<TM> m0 = mod_t<TM>(mods[0]), m1 = mod_t<TM>(mods[nmod - 1]);  // m1 unused when nmod == 1
       TM* y0 = static_cast<TM*>(ys[0]);
-      TM* y1 = nmod == 2 ? static_cast<TM*>(ys[1]) : y0;
+      TM* y1 = static_cast<TM*>(ys[nmod - 1]);
       const TX* xp = static_cast<const TX*>(x);
 #define DUMO_LN_FWD(V, K) \
   ln_mod_fwd_kernel<TX, TM, V, K><<<grid, geo.block, 0, st>>>(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps)
@@ -505,10 +500,10 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
       using TX = typename decltype(txt)::type;
       using TM = typename decltype(tmt)::type;
       const TM* g0 = static_cast<const TM*>(gys[0]);
-      const TM* g1 = nmod == 2 ? static_cast<const TM*>(gys[1]) : g0;
+      const TM* g1 = static_cast<const TM*>(gys[nmod - 1]);  // the second modulation's operands: unused for nmod 1
       const TM* c0 = static_cast<const TM*>(scales[0]);
-      const TM* c1 = nmod == 2 ? static_cast<const TM*>(scales[1]) : c0;
-      const int64_t s1 = nmod == 2 ? scale_strides[1] : scale_strides[0];
+      const TM* c1 = static_cast<const TM*>(scales[nmod - 1]);
+      const int64_t s1 = scale_strides[nmod - 1];
 #define DUMO_LN_BWD(V, K)                                                                                 \
   ln_mod_bwd_kernel<TX, TM, V, K><<<grid, geo.block, smem, st>>>(g0, g1, static_cast<const TX*>(x), mean, \
                                                                  rstd, c0, scale_strides[0], c1, s1,       \

@@ -78,12 +78,6 @@ struct Raw8 {
   __device__ __forceinline__ float operator[](int j) const { return Conv<T>::to(reinterpret_cast<const T*>(u)[j]); }
 };
 
-// Registers (32-bit) that n Raw8<T> take.
-template <typename T>
-__host__ __device__ constexpr int raw_regs(int n) {
-  return n * int(sizeof(T)) * 2;
-}
-
 // Sum over the 32 lanes of a warp, same order on every lane (butterfly): every lane gets the same total.
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -104,6 +98,12 @@ struct ModT {
   const T* scale;
   int64_t ss, sc;  // row strides (elements)
 };
+
+// The ModT view of one (shift, scale) pair of the launchers' arguments.
+template <typename T>
+ModT<T> mod_t(const Mod& m) {
+  return {static_cast<const T*>(m.shift), static_cast<const T*>(m.scale), m.shift_stride, m.scale_stride};
+}
 
 template <typename T>
 struct Tag {

@@ -32,6 +32,10 @@ constexpr int kBwdSlots = 4;  // backward: rows in flight per block, a warp pair
 // in registers did not pay). Benchmarks and tests run every variant.
 constexpr int kGeneral = 0, kAuto = 1, kNoPreload = 2, kPreload = 3;
 
+// Whether a kernel runs with the next row's loads in flight, given whether that compiled kernel spills at most
+// kSpillSlack bytes (`fits`, read once per kernel by the caller).
+inline bool next_row_in_flight(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
+
 constexpr int kNotApplicable = -1;  // a fast launcher's answer when this card cannot run it (cudaError_t is >= 0)
 
 inline bool applies(int64_t D, DType tx, DType tm) {

@@ -18,9 +18,8 @@ constexpr int kBlock = kBwdSlots * kPairThreads;  // threads per block
 constexpr int kIters = kBwdTileRows / kBwdSlots;  // rows per warp pair per tile
 static_assert(kBwdTileRows % kBwdSlots == 0, "a tile is a whole number of slot rounds");
 
-// Whether the next row's loads are issued before this row's reductions (PF; two rows of operands in registers).
-// kAuto prefetches in the kernels that spill at most kSpillSlack bytes (set_cuda_fast_path forces one choice).
-inline bool prefetch(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
+// PF (template flag of the LayerNorm backward): the next row's loads are issued before this row's reductions (two
+// rows of operands in registers); chosen per kernel by next_row_in_flight (rowwise_fast.h).
 
 // NC = 16-byte chunks per lane of a warp pair: 1..4 (D <= 2048).
 template <typename F>
@@ -344,10 +343,10 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
     using TX = typename decltype(txt)::type;
     using TM = typename decltype(tmt)::type;
     const TM* g0 = static_cast<const TM*>(gys[0]);
-    const TM* g1 = nmod == 2 ? static_cast<const TM*>(gys[1]) : g0;
+    const TM* g1 = static_cast<const TM*>(gys[nmod - 1]);  // the second modulation's operands: unused for nmod 1
     const TM* c0 = static_cast<const TM*>(scales[0]);
-    const TM* c1 = nmod == 2 ? static_cast<const TM*>(scales[1]) : c0;
-    const int64_t st0 = scale_strides[0], st1 = nmod == 2 ? scale_strides[1] : st0;
+    const TM* c1 = static_cast<const TM*>(scales[nmod - 1]);
+    const int64_t st0 = scale_strides[0], st1 = scale_strides[nmod - 1];
     const TX* xp = static_cast<const TX*>(x);
     TX* gxp = static_cast<TX*>(gx);
     with_nc(ceil_div(s.D, kPairThreads * VEC), [&](auto nc) {
@@ -360,11 +359,11 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
       };
       if (nmod == 2) {
         static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 2, true>);
-        if (prefetch(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 2, true>, pair_smem<NC>(2, 4));
+        if (next_row_in_flight(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 2, true>, pair_smem<NC>(2, 4));
         else launch(ln_mod_bwd_pair<TX, TM, NC, 2, false>, pair_smem<NC>(2, 4));
       } else {
         static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 1, true>);
-        if (prefetch(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 1, true>, pair_smem<NC>(1, 2));
+        if (next_row_in_flight(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 1, true>, pair_smem<NC>(1, 2));
         else launch(ln_mod_bwd_pair<TX, TM, NC, 1, false>, pair_smem<NC>(1, 2));
       }
     });

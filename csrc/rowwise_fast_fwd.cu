@@ -18,7 +18,6 @@ using namespace dev;
 // kPreload) forces one choice. Holding the modulation operands across the reductions instead (the first design)
 // was slower in every measured case (more registers, fewer warps) and is gone; so the JVP has one variant.
 constexpr int kFwdRows = 4;
-inline bool prefetch(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
 
 // NC = 16-byte chunks per lane: forward / JVP instantiate 2, 3, 4, 5, 6, 8 (D <= 2048 -> NC <= 8).
 template <typename F>
@@ -172,14 +171,9 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
   with_fast_types(tx, tm, [&](auto txt, auto tmt) {
     using TX = typename decltype(txt)::type;
     using TM = typename decltype(tmt)::type;
-    const ModT<TM> m0{static_cast<const TM*>(mods[0].shift), static_cast<const TM*>(mods[0].scale),
-                      mods[0].shift_stride, mods[0].scale_stride};
-    const ModT<TM> m1 = nmod == 2 ? ModT<TM>{static_cast<const TM*>(mods[1].shift),
-                                              static_cast<const TM*>(mods[1].scale), mods[1].shift_stride,
-                                              mods[1].scale_stride}
-                                   : m0;
+    const ModT<TM> m0 = mod_t<TM>(mods[0]), m1 = mod_t<TM>(mods[nmod - 1]);  // m1 unused when nmod == 1
     TM* y0 = static_cast<TM*>(ys[0]);
-    TM* y1 = nmod == 2 ? static_cast<TM*>(ys[1]) : y0;
+    TM* y1 = static_cast<TM*>(ys[nmod - 1]);
     const TX* xp = static_cast<const TX*>(x);
     with_nc(ceil_div(s.D, 32 * VEC), [&](auto nc) {
       constexpr int NC = decltype(nc)::value;
@@ -189,11 +183,11 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
       };
       if (nmod == 2) {
         static const bool fits = spills_at_most(kSpillSlack, ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>);
-        if (prefetch(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>, kFwdRows);
+        if (next_row_in_flight(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>, kFwdRows);
         else launch(ln_mod_fwd_warp<TX, TM, NC, 2, 1>, 1);
       } else {
         static const bool fits = spills_at_most(kSpillSlack, ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>);
-        if (prefetch(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>, kFwdRows);
+        if (next_row_in_flight(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>, kFwdRows);
         else launch(ln_mod_fwd_warp<TX, TM, NC, 1, 1>, 1);
       }
     });
