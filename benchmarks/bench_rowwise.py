@@ -13,7 +13,9 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
   python benchmarks/bench_rowwise.py --quick          # tiny shapes, few iterations (the test suite's smoke run)
   python benchmarks/bench_rowwise.py --cuda-variants  # also the CUDA kernel variants (csrc/rowwise_fast.h):
       cuda-general (the general kernels only), cuda-nopreload / cuda-preload (fast path without / with the next
-      row's loads in flight: forward and LayerNorm backward); the "cuda" rows are the default choice
+      row's loads in flight: forward and LayerNorm backward), and the option bits on the default: cuda-wide (the
+      JVP with four warps per row), cuda-planned (backward tiles planned for the card: a sample per block where
+      that fills it, no second kernel), cuda-wide-planned; the "cuda" rows are the default choice
 """
 from __future__ import annotations
 
@@ -138,7 +140,8 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (smoke run)")
     p.add_argument("--iters", type=int, default=0)
     p.add_argument("--cuda-variants", action="store_true",
-                   help="also time the CUDA kernel variants (general kernels only; fast path without/with next-row loads)")
+                   help="also time the CUDA kernel variants (general kernels only; fast path without/with next-row "
+                        "loads; the wide-JVP and planned-tiles option bits)")
     p.add_argument("--out", default=None, help="append rows as JSONL here")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -153,7 +156,8 @@ def main() -> None:
     impls = ["cuda", "triton"] if cuda else ["cpp"]
     variants = {"cuda": 1}  # dumo_engine._C.cuda_fast_path choices, by row label
     if cuda and args.cuda_variants:
-        variants.update({"cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3})
+        variants.update({"cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3, "cuda-wide": 1 | 4,
+                         "cuda-planned": 1 | 8, "cuda-wide-planned": 1 | 4 | 8})
         impls = list(variants) + ["triton"]
     if cuda and not args.no_compile:
         from torch import _dynamo

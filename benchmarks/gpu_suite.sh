@@ -9,8 +9,8 @@
 # PROFILE=1: build, then Nsight Compute (if the image has ncu) on the row-wise kernels still below 80% of the copy
 # bandwidth, sections written to ncu.csv (benchmarks/profile_rowwise.py runs the ops).
 # QUICK=1 (about 5 minutes): build, the CUDA row-wise tests under every kernel variant and the fused pass on them,
-# bench_rowwise with the CUDA kernel variants (XL/2 rows with torch.compile, B/2 rows without), and the B/2 train
-# step with and without the row-wise kernels.
+# bench_rowwise with the CUDA kernel variants (XL/2 rows with torch.compile, B/2 rows without; rowwise_table.md
+# puts every variant of a row side by side), and the B/2 train step with and without the row-wise kernels.
 set -uo pipefail
 QUICK=${QUICK:-0}
 cd "$(dirname "$0")/.."
@@ -62,7 +62,7 @@ if [ "$QUICK" = 1 ]; then
   stamp "bench_rowwise (quick: XL/2 rows with torch.compile, B/2 rows without; CUDA variants)"
   timeout 120 python3 benchmarks/bench_rowwise.py --shapes XL/2 --iters 20 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
   timeout 50 python3 benchmarks/bench_rowwise.py --shapes B/2 --iters 20 --cuda-variants --no-compile --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
-  grep -E '^\| (ln_|gated)' "$LOG" | awk -F'|' '!seen[$0]++ {print $2,$3,$4,$5,$6,$8,$9}' | tail -n 120
+  python3 benchmarks/rowwise_table.py "$OUT/rowwise.jsonl" 2>&1 | tee "$OUT/rowwise_table.md" | tee -a "$LOG"
   stamp "bench_train_step (quick: B/2 b64, fused with and without the row-wise kernels)"
   timeout 60 python3 benchmarks/bench_train_step.py --models DiT-B/2 --batch 64 --iters 5 --no-own-batch \
     --kinds dumo_fused,dumo_fused_torch_rowwise --out "$OUT/train_step.jsonl" >> "$LOG" 2>&1
@@ -77,7 +77,7 @@ timeout 130 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py tests
 
 stamp "bench_rowwise (B/2, XL/2 rows; pytorch, torch.compile, cuda, triton)"
 timeout 100 python3 benchmarks/bench_rowwise.py --iters 30 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
-sed -n '/^all rows:/,$p' "$LOG" | tail -n 70
+python3 benchmarks/rowwise_table.py "$OUT/rowwise.jsonl" 2>&1 | tee "$OUT/rowwise_table.md" | tee -a "$LOG"
 
 stamp "bench_train_step (XL/2, B/2, bf16)"
 timeout 170 python3 benchmarks/bench_train_step.py --iters 5 --out "$OUT/train_step.jsonl" >> "$LOG" 2>&1

@@ -9,7 +9,7 @@ registers, stalls, DRAM throughput) rather than how fast it is.
 
 Each op runs --warmup times and then --repeat times inside an NVTX range named after it (nsys / ncu --nvtx).
 --variant picks dumo_engine._C.cuda_fast_path (0 general kernels, 1 default, 2 / 3 fast path without / with the
-next row's loads in flight). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
+next row's loads in flight; plus 4 for the JVP with four warps per row, 8 for backward tiles planned for the card). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
 """
 from __future__ import annotations
 
@@ -36,7 +36,8 @@ def main() -> None:
     p.add_argument("--shape", default="XL/2", choices=sorted(SHAPES))
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--batch", type=int, default=0, help="samples N (rows = N*256); default 256 CUDA, 4 CPU")
-    p.add_argument("--variant", type=int, default=1, choices=[0, 1, 2, 3])
+    p.add_argument("--variant", type=int, default=1,
+                   help="dumo_engine._C.cuda_fast_path value (the extension checks it)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--cpu", action="store_true")

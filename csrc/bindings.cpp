@@ -44,8 +44,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gated_bwd", guarded(&dumo::gated_bwd), "-> [gh = gout g, gg = sum_t gout h]", py::arg("gout"), py::arg("g"),
         py::arg("h"));
   m.def("cuda_fast_path", guarded(&dumo::cuda_fast_path),
-        "Select the CUDA kernels process-wide, returning the previous choice: 0 general kernels only, 1 fast path "
-        "(default), 2 / 3 fast path never / always holding operands ahead of use; -1 only queries",
+        "Select the CUDA kernels process-wide, returning the previous choice: a base choice 0 general kernels only, "
+        "1 fast path (default), 2 / 3 fast path never / always holding operands ahead of use, plus option bits 4 "
+        "(the JVP with four warps per row) and 8 (the backward's tiles planned for this GPU); -1 only queries",
         py::arg("variant") = -1);
+  m.def("bwd_tile_plan", guarded(&dumo::bwd_tile_plan),
+        "[rows per block, tiles per sample] of the fast CUDA backward with planned tiles, for N samples of T rows on "
+        "`slots` concurrently resident blocks (host arithmetic: also in CPU builds, for tests)",
+        py::arg("N"), py::arg("T"), py::arg("slots"));
   m.def("with_cuda", &dumo::with_cuda, "True when the CUDA kernels were compiled in");
 }

@@ -16,6 +16,7 @@
 #endif
 
 #include "rowwise.h"
+#include "rowwise_fast.h"
 
 // Error messages are built by msg() below -- plain string concatenation, numbers through std::to_string -- and
 // never through an iostream in this library: on the GPU image (torch 2.11) every failing check whose message
@@ -358,14 +359,22 @@ std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, c
 
 int cuda_fast_path(int variant) {
 #ifdef DUMO_WITH_CUDA
-  DUMO_CHECK(variant >= -1 && variant <= 3, "dumo_engine._C.cuda_fast_path: variant must be -1 (query), 0 (general "
-              "kernels only), 1 (fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload); got ",
-              variant);
+  DUMO_CHECK(variant == -1 || fast::valid_variant(variant),
+             "dumo_engine._C.cuda_fast_path: variant must be -1 (query) or a base choice 0 (general kernels only), 1 "
+             "(fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload), plus option bits 4 (wide "
+             "JVP) and 8 (planned backward tiles); got ",
+             variant);
   return set_cuda_fast_path(variant);
 #else
   DUMO_CHECK(false, "dumo_engine._C.cuda_fast_path: this build of dumo_engine._C has no CUDA kernels");
   return 0;
 #endif
+}
+
+std::vector<int64_t> bwd_tile_plan(int64_t N, int64_t T, int64_t slots) {
+  DUMO_CHECK(N >= 0 && T >= 0, "dumo_engine._C.bwd_tile_plan: N and T must be >= 0; got N = ", N, ", T = ", T);
+  const fast::TilePlan p = fast::bwd_tile_plan(N, T, slots);
+  return {p.rows, p.tiles};
 }
 
 bool with_cuda() {

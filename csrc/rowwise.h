@@ -32,8 +32,8 @@ constexpr int kMaxHidden = 4096;  // 8 elements per thread, at most 512 threads 
 constexpr int kBwdTileRows = 64;  // rows of one sample per backward block (partial column sums per tile)
 
 // C++ CPU twins (rowwise_cpu.cpp): the same ops and arguments as the CUDA launchers below, run on the host with
-// at::parallel_for over rows (forward, JVP) or over (sample, kBwdTileRows-row tile) (backward: the same tiling and the same
-// fixed-order partial sums as the CUDA kernels). `partial` is float scratch of bwd_partial_floats(s, arrays).
+// at::parallel_for over rows (forward, JVP) or over (sample, kBwdTileRows-row tile) (backward: fixed-order partial
+// sums, the CUDA kernels' default tiling). `partial` is float scratch of bwd_partial_floats(s, arrays).
 void ln_mod_fwd_cpu(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
                     float eps, DType tx, DType tm);
 void ln_mod_jvp_cpu(const void* x, const float* x_dot, const float* mean, const float* rstd, const void* scale,

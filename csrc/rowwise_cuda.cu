@@ -27,6 +27,9 @@ using namespace dev;
 // may read it while it is set.
 std::atomic<int> g_variant{fast::kAuto};
 
+// Whether a call under `variant` may take the fast path (its base choice is not the general kernels).
+inline bool fast_path(int variant) { return (variant & fast::kBaseMask) != fast::kGeneral; }
+
 // The (up to) 8 columns this thread owns in a row of D.
 template <bool V>
 struct Cols {
@@ -418,7 +421,7 @@ int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, f
   for (int k = 0; k < nmod; ++k)
     vec = vec && aligned16(mods[k].shift) && aligned16(mods[k].scale) && aligned16(ys[k]) &&
           mods[k].shift_stride % VEC == 0 && mods[k].scale_stride % VEC == 0;
-  if (vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm))
+  if (vec && fast_path(variant) && fast::applies(s.D, tx, tm))
     return fast::ln_mod_fwd(x, mods, nmod, ys, mean, rstd, s, eps, tx, tm, variant, stream);
   const Geo geo = geometry(s.D);
   const dim3 grid(unsigned(ceil_div(R, geo.rpb)));
@@ -454,7 +457,7 @@ int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const 
   const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(x_dot) && aligned16(scale) && aligned16(shift_dot) &&
                    aligned16(scale_dot) && aligned16(y_dot) && scale_stride % VEC == 0 &&
                    shift_dot_stride % VEC == 0 && scale_dot_stride % VEC == 0;
-  if (vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm))
+  if (vec && fast_path(variant) && fast::applies(s.D, tx, tm))
     return fast::ln_mod_jvp(x, x_dot, mean, rstd, scale, scale_stride, shift_dot, shift_dot_stride, scale_dot,
                             scale_dot_stride, y_dot, y_dot_f32, s, tx, tm, variant, stream);
   const Geo geo = geometry(s.D);
@@ -508,11 +511,15 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
   ln_mod_bwd_kernel<TX, TM, V, K><<<grid, geo.block, smem, st>>>(g0, g1, static_cast<const TX*>(x), mean, \
                                                                  rstd, c0, scale_strides[0], c1, s1,       \
                                                                  static_cast<TX*>(gx), partial, s.N, s.T, int(s.D))
-      bool done = s.T == 0;  // no rows: gx is empty; the column sums are zeros (colsum over zero tiles below)
-      if (!done && vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
-        const int r = fast::ln_mod_bwd_tiles(gys, x, mean, rstd, scales, scale_strides, nmod, gx, partial, s, tx,
-                                             tm, variant, stream);
-        if (r != fast::kNotApplicable) check = r, done = true;  // else: too little shared memory on this card
+      OutPtrs outs{};
+      for (int k = 0; k < nmod; ++k) outs.p[k] = gshifts[k], outs.p[nmod + k] = gscales[k];
+      int64_t tiles = n_tiles;  // the fast path's own tiling; there one tile per sample = column sums written
+      // no rows: gx is empty; the column sums are zeros (colsum over zero tiles below)
+      bool done = s.T == 0, summed = false;
+      if (!done && vec && fast_path(variant) && fast::applies(s.D, tx, tm)) {
+        const int r = fast::ln_mod_bwd_tiles(gys, x, mean, rstd, scales, scale_strides, nmod, gx, partial, outs.p,
+                                             &tiles, s, tx, tm, variant, stream);
+        if (r != fast::kNotApplicable) check = r, done = true, summed = tiles == 1;  // else: too little smem
       }
       if (!done) {
         if (nmod == 2) {
@@ -522,11 +529,9 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
         }
       }
 #undef DUMO_LN_BWD
-      OutPtrs outs{};
-      for (int k = 0; k < nmod; ++k) outs.p[k] = gshifts[k], outs.p[nmod + k] = gscales[k];
       const int64_t total = 2 * nmod * s.N * s.D;
-      if (check == 0)
-        colsum_kernel<TM><<<unsigned(ceil_div(total, 256)), 256, 0, st>>>(partial, outs, 2 * nmod, s.N, n_tiles,
+      if (check == 0 && !summed)
+        colsum_kernel<TM><<<unsigned(ceil_div(total, 256)), 256, 0, st>>>(partial, outs, 2 * nmod, s.N, tiles,
                                                                          int(s.D));
     });
   });
@@ -602,10 +607,12 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
       auto gp = static_cast<const TM*>(g);
       auto hp = static_cast<const TM*>(h);
       auto ghp = static_cast<TM*>(gh);
-      bool done = s.T == 0;  // no rows: gh is empty; gg is zeros (colsum over zero tiles below)
-      if (!done && vec && variant != fast::kGeneral && fast::applies(s.D, tx, tm)) {
-        const int r = fast::gated_bwd_tiles(gout, g, g_stride, h, gh, partial, s, tx, tm, variant, stream);
-        if (r != fast::kNotApplicable) check = r, done = true;  // else: too little shared memory on this card
+      int64_t tiles = n_tiles;  // the fast path's own tiling; there one tile per sample = column sums written
+      bool done = s.T == 0, summed = false;  // no rows: gh is empty; gg is zeros (colsum over zero tiles)
+      if (!done && vec && fast_path(variant) && fast::applies(s.D, tx, tm)) {
+        const int r = fast::gated_bwd_tiles(gout, g, g_stride, h, gh, partial, gg, &tiles, s, tx, tm, variant,
+                                            stream);
+        if (r != fast::kNotApplicable) check = r, done = true, summed = tiles == 1;  // else: too little smem
       }
       if (!done) {
         if (vec)
@@ -617,8 +624,8 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
       }
       OutPtrs outs{};
       outs.p[0] = gg;
-      if (check == 0)
-        colsum_kernel<TM><<<unsigned(ceil_div(s.N * s.D, 256)), 256, 0, st>>>(partial, outs, 1, s.N, n_tiles,
+      if (check == 0 && !summed)
+        colsum_kernel<TM><<<unsigned(ceil_div(s.N * s.D, 256)), 256, 0, st>>>(partial, outs, 1, s.N, tiles,
                                                                              int(s.D));
     });
   });
@@ -626,7 +633,7 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
 }
 
 int set_cuda_fast_path(int variant) {
-  if (variant >= fast::kGeneral && variant <= fast::kPreload) return g_variant.exchange(variant);
+  if (fast::valid_variant(variant)) return g_variant.exchange(variant);
   return g_variant.load();
 }
 

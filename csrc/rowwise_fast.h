@@ -8,11 +8,13 @@
 // Forward and JVP: one warp per row, each lane holding NC = ceil(D / 256) chunks of 8 columns, chunk k of lane l
 // at columns (32 k + l) * 8: all of a lane's 16-byte loads of the row are issued before the first reduction (the
 // forward also the next row's), and the row sums are warp shuffles only (no shared memory, no block barrier).
-// Backward: a block per (sample, tile of kBwdTileRows rows), a pair of warps per row (NC = ceil(D / 512) chunks
-// per lane), kBwdSlots rows at a time; the next row's loads are issued before this row's reductions; the two
-// warps of a row combine their row sums through shared memory under a 64-thread named barrier. Column sums
-// accumulate in shared memory (per slot; registers would cost most of the register file), are reduced over the
-// slots in a fixed order and written as per-tile partials (no atomics), summed by the general path's colsum kernel.
+// (kWideJvp: the JVP with four warps per row instead, see below.)
+// Backward: a block per (sample, tile of rows: kBwdTileRows, or bwd_tile_plan's with kPlannedTiles), a pair of
+// warps per row (NC = ceil(D / 512) chunks per lane; chunks past D skipped), kBwdSlots rows at a time; the next
+// row's loads are issued before this row's reductions; the two warps of a row combine their row sums through
+// shared memory under a 64-thread named barrier. Column sums accumulate in shared memory (per slot; registers
+// would cost most of the register file) and are reduced over the slots in a fixed order (no atomics): written as
+// the result when a sample is one tile, else as per-tile partials summed by the general path's colsum kernel.
 // The backward needs up to 144 KiB of shared memory per block (dual layer, D = 2048): on a card with less it says
 // kNotApplicable and the launcher runs the general kernel.
 #pragma once
@@ -25,16 +27,60 @@ constexpr int kFastMaxHidden = 2048;
 constexpr int kRowWarps = 4;  // forward / JVP: warps (= rows) per block
 constexpr int kBwdSlots = 4;  // backward: rows in flight per block, a warp pair each (256 threads)
 
-// Variants of the fast path (set_cuda_fast_path's argument; 0 = the general kernels only). kPreload: the forward
-// and the LayerNorm backward issue the next row's loads before this row's reductions (two rows of operands in
-// registers); kNoPreload: one row at a time; kAuto (the default): the first where the compiled kernel spills at most
-// kSpillSlack bytes, else the second. The JVP and the gated backward have one kernel each (measured: holding more
-// in registers did not pay). Benchmarks and tests run every variant.
+// Variants of the fast path (set_cuda_fast_path's argument: a base choice in the low two bits, option bits above;
+// 0 = the general kernels only). kPreload: the forward and the LayerNorm backward issue the next row's loads before
+// this row's reductions (two rows of operands in registers); kNoPreload: one row at a time; kAuto (the default): the
+// first where the compiled kernel spills at most kSpillSlack bytes, else the second. The JVP and the gated backward
+// have one register layout each (measured: holding more in registers did not pay). Benchmarks and tests run every
+// variant.
 constexpr int kGeneral = 0, kAuto = 1, kNoPreload = 2, kPreload = 3;
+constexpr int kBaseMask = 3;
+// Option bits, candidates for the defaults until measured on a GPU (benchmarks/RESULTS.md says which were):
+//   kWideJvp: the JVP with kWideWarps warps per row (fewer registers per thread, all operands loaded before the
+//     reductions: the layout of the Triton JVP, which measured faster on XL/2 bf16 rows) instead of one warp;
+//   kPlannedTiles: the backward's rows per block from bwd_tile_plan (a sample per block where that fills the GPU:
+//     its column sums are written directly, no partials and no second kernel) instead of kBwdTileRows.
+constexpr int kWideJvp = 4, kPlannedTiles = 8;
+constexpr int kOptionMask = kWideJvp | kPlannedTiles;
+inline bool valid_variant(int v) { return v >= 0 && (v & ~(kBaseMask | kOptionMask)) == 0; }
 
 // Whether a kernel runs with the next row's loads in flight, given whether that compiled kernel spills at most
 // kSpillSlack bytes (`fits`, read once per kernel by the caller).
-inline bool next_row_in_flight(int variant, bool fits) { return variant == kPreload || (variant == kAuto && fits); }
+inline bool next_row_in_flight(int variant, bool fits) {
+  const int base = variant & kBaseMask;
+  return base == kPreload || (base == kAuto && fits);
+}
+
+constexpr int kWideWarps = 4;  // kWideJvp: warps per row
+constexpr int kWideRows = 2;   // kWideJvp: rows per block (256 threads)
+
+// The backward's tiling: `rows` per block (a multiple of kBwdSlots), `tiles` = ceil(T / rows) blocks per sample.
+struct TilePlan {
+  int64_t rows, tiles;
+};
+
+// kPlannedTiles: the fewest tiles per sample whose N * tiles blocks fill their waves on `slots` concurrent blocks
+// (SMs x resident blocks per SM) to at least kFillTarget, else the best-filling count; at most ceil(T /
+// kBwdTileRows) tiles, so the caller's partials (bwd_partial_floats) always suffice. One tile per sample is the
+// goal: its column sums need no partials and no second kernel. Blocks of one plan run equally long, so the fill is
+// the share of the last wave's slots in use. Host-only, no CUDA: the CPU build exposes it for tests.
+constexpr double kFillTarget = 0.9;
+inline TilePlan bwd_tile_plan(int64_t N, int64_t T, int64_t slots) {
+  const int64_t max_tiles = T > kBwdTileRows ? (T + kBwdTileRows - 1) / kBwdTileRows : 1;
+  TilePlan best{T > 0 ? ((T + kBwdSlots - 1) / kBwdSlots) * kBwdSlots : kBwdSlots, 1};
+  if (N <= 0 || T <= 0 || slots <= 0) return best;
+  double best_fill = -1.0;
+  for (int64_t want = 1; want <= max_tiles; ++want) {
+    const int64_t per = (T + want - 1) / want;
+    const int64_t rows = ((per + kBwdSlots - 1) / kBwdSlots) * kBwdSlots;
+    const int64_t tiles = (T + rows - 1) / rows;
+    const int64_t blocks = N * tiles, waves = (blocks + slots - 1) / slots;
+    const double fill = double(blocks) / double(waves * slots);
+    if (fill >= kFillTarget) return {rows, tiles};
+    if (fill > best_fill + 1e-12) best = {rows, tiles}, best_fill = fill;
+  }
+  return best;
+}
 
 constexpr int kNotApplicable = -1;  // a fast launcher's answer when this card cannot run it (cudaError_t is >= 0)
 
@@ -49,13 +95,15 @@ int ln_mod_jvp(const void* x, const float* x_dot, const float* mean, const float
                int64_t scale_stride, const void* shift_dot, int64_t shift_dot_stride, const void* scale_dot,
                int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm, int variant,
                void* stream);
-// Backward kernels only: they write the per-tile partials; the caller runs the column-sum kernel. They return
-// kNotApplicable (and launch nothing) when the block's shared memory exceeds the current device's opt-in limit.
+// Backward kernels: one column sum per output array, written to `sums` (2 * nmod arrays: shift_0.., scale_0.., each
+// (N, D) contiguous, dtype tm) when a sample is one tile, else per-tile partials that the caller finishes with the
+// column-sum kernel; `*tiles` says which (1: done). They return kNotApplicable (and launch nothing) when the
+// block's shared memory exceeds the current device's opt-in limit.
 int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, const float* rstd,
                      const void* const* scales, const int64_t* scale_strides, int nmod, void* gx, float* partial,
-                     Shape s, DType tx, DType tm, int variant, void* stream);
+                     void* const* sums, int64_t* tiles, Shape s, DType tx, DType tm, int variant, void* stream);
 int gated_bwd_tiles(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, float* partial,
-                    Shape s, DType tx, DType tm, int variant, void* stream);
+                    void* gg, int64_t* tiles, Shape s, DType tx, DType tm, int variant, void* stream);
 
 }  // namespace fast
 }  // namespace dumo

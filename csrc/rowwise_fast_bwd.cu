@@ -1,8 +1,12 @@
 // Fast path, backward of LayerNorm (no affine) + adaLN modulate and of the gated residual: a block per (sample,
-// tile of kBwdTileRows rows), a warp pair per row, kBwdSlots rows at a time, the next row's loads issued before
-// this row's reductions (see rowwise_fast.h). Writes per-tile column-sum partials; rowwise_cuda.cu's colsum kernel
-// finishes them. Formulas as in rowwise_cuda.cu's general kernels. No torch headers.
+// tile of rows), a warp pair per row, kBwdSlots rows at a time, the next row's loads issued before this row's
+// reductions (see rowwise_fast.h). A sample that is one tile gets its column sums written here; otherwise the
+// kernels write per-tile partials that rowwise_cuda.cu's colsum kernel finishes. Formulas as in rowwise_cuda.cu's
+// general kernels. No torch headers.
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "rowwise_device.cuh"
 #include "rowwise_fast.h"
@@ -15,8 +19,13 @@ using namespace dev;
 
 constexpr int kPairThreads = 64;                  // the two warps that share a row
 constexpr int kBlock = kBwdSlots * kPairThreads;  // threads per block
-constexpr int kIters = kBwdTileRows / kBwdSlots;  // rows per warp pair per tile
 static_assert(kBwdTileRows % kBwdSlots == 0, "a tile is a whole number of slot rounds");
+
+// The column-sum outputs of one backward call (the arrays in the partials' order), written directly when a sample
+// is one tile.
+struct SumPtrs {
+  void* p[4];
+};
 
 // PF (template flag of the LayerNorm backward): the next row's loads are issued before this row's reductions (two
 // rows of operands in registers); chosen per kernel by next_row_in_flight (rowwise_fast.h).
@@ -71,20 +80,23 @@ __device__ __forceinline__ int pair_word(int d) {
 }
 
 // Column sums of this block's tile: A arrays per slot at acc0 + (slot * A + a) * W, summed over the slots in a
-// fixed order and written to partial[a][n][tile][:]. Call after a __syncthreads that follows the last update.
-template <int A, int NC>
-__device__ __forceinline__ void write_tile_partials(const float* acc0, float* __restrict__ partial, int64_t N,
-                                                    int64_t n, int64_t tile, int64_t n_tiles, int D) {
+// fixed order; written as the result (dtype TM, sums.p[a][n][:]) when the sample is one tile (n_tiles == 1), else
+// to partial[a][n][tile][:]. Call after a __syncthreads that follows the last update.
+template <typename TM, int A, int NC>
+__device__ __forceinline__ void write_tile_sums(const float* acc0, float* __restrict__ partial, const SumPtrs& sums,
+                                                int64_t N, int64_t n, int64_t tile, int64_t n_tiles, int D) {
   constexpr int W = pair_words<NC>();
 #pragma unroll
   for (int a = 0; a < A; ++a) {
     float* out = partial + ((a * N + n) * n_tiles + tile) * D;
+    TM* res = static_cast<TM*>(sums.p[a]) + n * D;
     for (int d = threadIdx.x; d < D; d += kBlock) {
       const int w = pair_word(d);
       float s = 0.f;
 #pragma unroll
       for (int sl = 0; sl < kBwdSlots; ++sl) s += acc0[(sl * A + a) * W + w];
-      out[d] = s;
+      if (n_tiles == 1) res[d] = Conv<TM>::from(s);
+      else out[d] = s;
     }
   }
 }
@@ -154,9 +166,9 @@ __global__ void __launch_bounds__(kBlock, 2)
     ln_mod_bwd_pair(const TM* __restrict__ gy0, const TM* __restrict__ gy1, const TX* __restrict__ x,
                     const float* __restrict__ mean, const float* __restrict__ rstd, const TM* __restrict__ sc0,
                     int64_t s0, const TM* __restrict__ sc1, int64_t s1, TX* __restrict__ gx,
-                    float* __restrict__ partial, int64_t N, int64_t T, int D) {
+                    float* __restrict__ partial, const SumPtrs sums, int64_t N, int64_t T, int D, int tile_rows) {
   constexpr int W = pair_words<NC>();
-  __shared__ float sums[2][kBwdSlots][2][2];  // [iteration parity][slot][warp of the pair][sum g, sum g n]
+  __shared__ float rsum[2][kBwdSlots][2][2];  // [iteration parity][slot][warp of the pair][sum g, sum g n]
   extern __shared__ float4 smem4[];           // onep[NMOD][W], then per slot acc[2 NMOD][W]
   float* const onep = reinterpret_cast<float*>(smem4);
   float* const acc0 = onep + NMOD * W;
@@ -186,20 +198,22 @@ __global__ void __launch_bounds__(kBlock, 2)
   }
   __syncthreads();
 
-  const int64_t t0 = tile * kBwdTileRows + slot;
+  const int iters = tile_rows / kBwdSlots;  // rows per warp pair
+  const int64_t t0 = tile * tile_rows + slot;
   LnRow<TX, TM, NC, NMOD> cur, nxt;
   if constexpr (PF) load_ln_row(cur, gy0, gy1, x, mean, rstd, n * T + t0, t0 < T, D, gl);
 #pragma unroll 1
-  for (int it = 0; it < kIters; ++it) {  // the same trip count on every thread: the pair barrier is uniform
+  for (int it = 0; it < iters; ++it) {  // the same trip count on every thread: the pair barrier is uniform
     const int64_t t = t0 + int64_t(it) * kBwdSlots, row = n * T + t;
     if constexpr (PF) {
-      if (it + 1 < kIters) load_ln_row(nxt, gy0, gy1, x, mean, rstd, row + kBwdSlots, t + kBwdSlots < T, D, gl);
+      if (it + 1 < iters) load_ln_row(nxt, gy0, gy1, x, mean, rstd, row + kBwdSlots, t + kBwdSlots < T, D, gl);
     } else {
       load_ln_row(cur, gy0, gy1, x, mean, rstd, row, t < T, D, gl);
     }
-    float a0 = 0.f, a1 = 0.f;  // padding rows and columns: gy = 0 gives g = 0, adding nothing anywhere
+    float a0 = 0.f, a1 = 0.f;  // padding rows: gy = 0 gives g = 0, adding nothing anywhere
 #pragma unroll
     for (int k = 0; k < NC; ++k) {
+      if (pair_col(k, gl) >= D) continue;  // padding chunk: zeros; skipping it saves its shared-memory traffic
       float nv[VEC], g[VEC];
 #pragma unroll
       for (int j = 0; j < VEC; ++j) nv[j] = (cur.x[k][j] - cur.mu) * cur.rs, g[j] = 0.f;
@@ -224,7 +238,7 @@ __global__ void __launch_bounds__(kBlock, 2)
     }
     a0 = warp_sum(a0);
     a1 = warp_sum(a1);
-    float(*sp)[2][2] = sums[it & 1];  // double-buffered: one barrier per row is enough
+    float(*sp)[2][2] = rsum[it & 1];  // double-buffered: one barrier per row is enough
     if (lane == 0) sp[slot][half][0] = a0, sp[slot][half][1] = a1;
     pair_barrier(slot);
     const float m0 = (sp[slot][0][0] + sp[slot][1][0]) / D, m1 = (sp[slot][0][1] + sp[slot][1][1]) / D;
@@ -249,11 +263,11 @@ __global__ void __launch_bounds__(kBlock, 2)
       }
     }
     if constexpr (PF) {
-      if (it + 1 < kIters) cur = nxt;
+      if (it + 1 < iters) cur = nxt;
     }
   }
   __syncthreads();
-  write_tile_partials<2 * NMOD, NC>(acc0, partial, N, n, tile, gridDim.y, D);
+  write_tile_sums<TM, 2 * NMOD, NC>(acc0, partial, sums, N, n, tile, gridDim.y, D);
 }
 
 // Backward of out = x + g h:  gx = gout (no kernel),  gh = gout g,  gg = sum_t gout h  (partials per tile)
@@ -282,7 +296,8 @@ __device__ __forceinline__ void load_gated_row(GatedRow<TX, TM, NC>& r, const TX
 template <typename TX, typename TM, int NC>
 __global__ void __launch_bounds__(kBlock, 2)
     gated_bwd_pair(const TX* __restrict__ gout, const TM* __restrict__ g, int64_t gs, const TM* __restrict__ h,
-                   TM* __restrict__ gh, float* __restrict__ partial, int64_t N, int64_t T, int D) {
+                   TM* __restrict__ gh, float* __restrict__ partial, const SumPtrs sums, int64_t N, int64_t T, int D,
+                   int tile_rows) {
   constexpr int W = pair_words<NC>();
   extern __shared__ float4 smem4[];  // gate[W], then per slot acc[W]
   float* const gate = reinterpret_cast<float*>(smem4);
@@ -305,14 +320,17 @@ __global__ void __launch_bounds__(kBlock, 2)
     }
   }
   __syncthreads();
-  const int64_t t0 = tile * kBwdTileRows + slot;
+  const int iters = tile_rows / kBwdSlots;  // rows per warp pair
+  const int64_t t0 = tile * tile_rows + slot;
   GatedRow<TX, TM, NC> cur;
 #pragma unroll 1
-  for (int it = 0; it < kIters; ++it) {  // no barrier in the loop: other warps' loads cover this one's latency
+  for (int it = 0; it < iters; ++it) {  // no barrier in the loop: other warps' loads cover this one's latency
     const int64_t t = t0 + int64_t(it) * kBwdSlots, row = n * T + t;
     load_gated_row(cur, gout, h, row, t < T, D, gl);
 #pragma unroll
     for (int k = 0; k < NC; ++k) {
+      const int c = pair_col(k, gl);
+      if (c >= D) continue;  // padding chunk
       float gv[VEC], as[VEC], o[VEC];
       lds8(gate, k, gl, gv);
       lds8(acc, k, gl, as);
@@ -323,21 +341,61 @@ __global__ void __launch_bounds__(kBlock, 2)
         as[j] += go * cur.h[k][j];  // zeros past the end
       }
       sts8(acc, k, gl, as);
-      const int c = pair_col(k, gl);
-      if (t < T && c < D) store8(gh + row * D + c, o);
+      if (t < T) store8(gh + row * D + c, o);
     }
   }
   __syncthreads();
-  write_tile_partials<1, NC>(acc0, partial, N, n, tile, gridDim.y, D);
+  write_tile_sums<TM, 1, NC>(acc0, partial, sums, N, n, tile, gridDim.y, D);
+}
+
+// Blocks of `kernel` resident at once on the current device (SMs x blocks per SM at `smem` bytes of dynamic shared
+// memory), cached per (kernel, device); 0 when the query fails (its error cleared). Call after launch_attr (the
+// kernel's shared-memory opt-in).
+template <typename K>
+int64_t resident_blocks(K kernel, size_t smem) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, int64_t> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
+  int sms = 0, per_sm = 0;
+  if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, smem) != cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  const int64_t r = int64_t(sms) * per_sm;
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = r;
+  return r;
+}
+
+// The tiling of one backward launch: kBwdTileRows rows per block, or with kPlannedTiles bwd_tile_plan over the
+// blocks of `kernel` resident at once (kBwdTileRows when that is unknown).
+template <typename K>
+TilePlan tile_plan(K kernel, size_t smem, Shape s, int variant) {
+  const TilePlan fixed{kBwdTileRows, ceil_div(s.T, kBwdTileRows)};
+  if (!(variant & kPlannedTiles)) return fixed;
+  const int64_t slots = resident_blocks(kernel, smem);
+  return slots > 0 ? bwd_tile_plan(s.N, s.T, slots) : fixed;
 }
 
 }  // namespace
 
 int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, const float* rstd,
                      const void* const* scales, const int64_t* scale_strides, int nmod, void* gx, float* partial,
-                     Shape s, DType tx, DType tm, int variant, void* stream) {
-  const dim3 grid(unsigned(s.N), unsigned(ceil_div(s.T, kBwdTileRows)));
+                     void* const* sums, int64_t* tiles, Shape s, DType tx, DType tm, int variant, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
+  SumPtrs out{};
+  for (int a = 0; a < 2 * nmod; ++a) out.p[a] = sums[a];
   int err = 0;
   with_fast_types(tx, tm, [&](auto txt, auto tmt) {
     using TX = typename decltype(txt)::type;
@@ -353,9 +411,12 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
       constexpr int NC = decltype(nc)::value;
       auto launch = [&](auto kernel, size_t smem) {
         err = launch_attr(kernel, smem);
-        if (err == 0)
-          kernel<<<grid, kBlock, smem, st>>>(g0, g1, xp, mean, rstd, c0, st0, c1, st1, gxp, partial, s.N, s.T,
-                                             int(s.D));
+        if (err != 0) return;
+        const TilePlan plan = tile_plan(kernel, smem, s, variant);
+        *tiles = plan.tiles;
+        const dim3 grid(unsigned(s.N), unsigned(plan.tiles));
+        kernel<<<grid, kBlock, smem, st>>>(g0, g1, xp, mean, rstd, c0, st0, c1, st1, gxp, partial, out, s.N, s.T,
+                                           int(s.D), int(plan.rows));
       };
       if (nmod == 2) {
         static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 2, true>);
@@ -372,9 +433,10 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
 }
 
 int gated_bwd_tiles(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, float* partial,
-                    Shape s, DType tx, DType tm, int /*variant: one gated kernel*/, void* stream) {
-  const dim3 grid(unsigned(s.N), unsigned(ceil_div(s.T, kBwdTileRows)));
+                    void* gg, int64_t* tiles, Shape s, DType tx, DType tm, int variant, void* stream) {
   auto st = static_cast<cudaStream_t>(stream);
+  SumPtrs out{};
+  out.p[0] = gg;
   int err = 0;
   with_fast_types(tx, tm, [&](auto txt, auto tmt) {
     using TX = typename decltype(txt)::type;
@@ -382,12 +444,15 @@ int gated_bwd_tiles(const void* gout, const void* g, int64_t g_stride, const voi
     with_nc(ceil_div(s.D, kPairThreads * VEC), [&](auto nc) {
       constexpr int NC = decltype(nc)::value;
       const size_t smem = pair_smem<NC>(1, 1);
-      auto kernel = gated_bwd_pair<TX, TM, NC>;  // one variant: prefetching measured no faster (RESULTS.md)
+      auto kernel = gated_bwd_pair<TX, TM, NC>;  // one register layout: prefetching measured no faster (RESULTS.md)
       err = launch_attr(kernel, smem);
-      if (err == 0)
-        kernel<<<grid, kBlock, smem, st>>>(static_cast<const TX*>(gout), static_cast<const TM*>(g),
-                                                             g_stride, static_cast<const TM*>(h), static_cast<TM*>(gh),
-                                                             partial, s.N, s.T, int(s.D));
+      if (err != 0) return;
+      const TilePlan plan = tile_plan(kernel, smem, s, variant);
+      *tiles = plan.tiles;
+      const dim3 grid(unsigned(s.N), unsigned(plan.tiles));
+      kernel<<<grid, kBlock, smem, st>>>(static_cast<const TX*>(gout), static_cast<const TM*>(g), g_stride,
+                                         static_cast<const TM*>(h), static_cast<TM*>(gh), partial, out, s.N, s.T,
+                                         int(s.D), int(plan.rows));
     });
   });
   return err != 0 ? err : int(cudaGetLastError());  // err: kNotApplicable or the opt-in's error

@@ -161,6 +161,78 @@ __global__ void __launch_bounds__(kRowWarps * 32, 4)
   }
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The same JVP, kWideJvp layout: kWideWarps warps (128 threads) per row, kWideRows rows per block, NC =
+// ceil(D / 1024) chunks per thread (chunk k of thread q at columns (128 k + q) * 8). Every operand of the row,
+// the modulation vectors included, is loaded before the reductions and held as loaded (converted on use): with
+// at most two chunks per thread that costs few registers, and no load waits behind the reductions. A row's four
+// warps combine their sums in shared memory, in a fixed order, after one block barrier.
+// ---------------------------------------------------------------------------------------------------------------
+constexpr int kWideThreads = kWideWarps * 32;
+
+__device__ __forceinline__ int wide_col(int k, int q) { return (k * kWideThreads + q) * VEC; }
+
+template <typename TX, typename TM, typename TY, int NC>
+__global__ void __launch_bounds__(kWideRows * kWideThreads)
+    ln_mod_jvp_wide(const TX* __restrict__ x, const float* __restrict__ x_dot, const float* __restrict__ mean,
+                    const float* __restrict__ rstd, const TM* __restrict__ scale, int64_t ssc,
+                    const TM* __restrict__ shift_dot, int64_t ssd, const TM* __restrict__ scale_dot, int64_t sscd,
+                    TY* __restrict__ y_dot, int64_t R, int64_t T, int D) {
+  __shared__ float part[kWideRows][kWideWarps][2];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int rw = warp / kWideWarps, wq = warp % kWideWarps, q = wq * 32 + lane;
+  const int64_t row = int64_t(blockIdx.x) * kWideRows + rw;
+  const bool live = row < R;  // a dead row's threads still reach the barrier
+  const int64_t n = live ? row / T : 0;
+  const float mu = live ? __ldg(mean + row) : 0.f, rs = live ? __ldg(rstd + row) : 0.f;
+  Raw8<TX> xr[NC];
+  Raw8<float> xd[NC];
+  Raw8<TM> sc[NC], sd[NC], scd[NC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    const int c = wide_col(k, q);
+    if (live && c < D) {
+      xr[k].load(x + row * D + c);
+      xd[k].load(x_dot + row * D + c);
+      sc[k].load(scale + n * ssc + c);
+      sd[k].load(shift_dot + n * ssd + c);
+      scd[k].load(scale_dot + n * sscd + c);
+    } else {
+      xr[k].zero(), xd[k].zero(), sc[k].zero(), sd[k].zero(), scd[k].zero();
+    }
+  }
+  float s0 = 0.f, s1 = 0.f;  // zeros past the end (x_dot = 0) add nothing to either sum
+#pragma unroll
+  for (int k = 0; k < NC; ++k)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float d = xd[k][j];
+      s0 += d;
+      s1 += (xr[k][j] - mu) * rs * d;
+    }
+  s0 = warp_sum(s0);
+  s1 = warp_sum(s1);
+  if (lane == 0) part[rw][wq][0] = s0, part[rw][wq][1] = s1;
+  __syncthreads();
+  if (!live) return;
+  float t0 = 0.f, t1 = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWideWarps; ++w) t0 += part[rw][w][0], t1 += part[rw][w][1];
+  const float m0 = t0 / D, m1 = t1 / D;
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    const int c = wide_col(k, q);
+    if (c >= D) continue;
+    float o[VEC];
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float nv = (xr[k][j] - mu) * rs;
+      o[j] = rs * (xd[k][j] - m0 - nv * m1) * (1.f + sc[k][j]) + nv * scd[k][j] + sd[k][j];
+    }
+    store8(y_dot + row * D + c, o);
+  }
+}
+
 }  // namespace
 
 int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
@@ -197,28 +269,40 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
 
 int ln_mod_jvp(const void* x, const float* x_dot, const float* mean, const float* rstd, const void* scale,
                int64_t scale_stride, const void* shift_dot, int64_t shift_dot_stride, const void* scale_dot,
-               int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm,
-               int /*variant: one JVP kernel*/, void* stream) {
+               int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm, int variant,
+               void* stream) {
   const int64_t R = s.N * s.T;
-  const dim3 grid(unsigned(ceil_div(R, kRowWarps))), block(kRowWarps * 32);
+  const bool wide = (variant & kWideJvp) != 0;
   auto st = static_cast<cudaStream_t>(stream);
   with_fast_types(tx, tm, [&](auto txt, auto tmt) {
     using TX = typename decltype(txt)::type;
     using TM = typename decltype(tmt)::type;
-    with_nc(ceil_div(s.D, 32 * VEC), [&](auto nc) {
-      constexpr int NC = decltype(nc)::value;
-      auto launch = [&](auto tyt) {
-        using TY = typename decltype(tyt)::type;
-        ln_mod_jvp_warp<TX, TM, TY, NC><<<grid, block, 0, st>>>(
-            static_cast<const TX*>(x), x_dot, mean, rstd, static_cast<const TM*>(scale), scale_stride,
-            static_cast<const TM*>(shift_dot), shift_dot_stride, static_cast<const TM*>(scale_dot),
-            scale_dot_stride, static_cast<TY*>(y_dot), R, s.T, int(s.D));
+    auto launch = [&](auto tyt) {
+      using TY = typename decltype(tyt)::type;
+      auto args = [&](auto kernel, dim3 grid, dim3 block) {
+        kernel<<<grid, block, 0, st>>>(static_cast<const TX*>(x), x_dot, mean, rstd, static_cast<const TM*>(scale),
+                                       scale_stride, static_cast<const TM*>(shift_dot), shift_dot_stride,
+                                       static_cast<const TM*>(scale_dot), scale_dot_stride, static_cast<TY*>(y_dot),
+                                       R, s.T, int(s.D));
       };
-      if (y_dot_f32) launch(Tag<float>{}); else launch(Tag<TM>{});
-    });
+      if (wide) {
+        const dim3 grid(unsigned(ceil_div(R, kWideRows))), block(kWideRows * kWideThreads);
+        if (s.D <= kWideThreads * VEC) args(ln_mod_jvp_wide<TX, TM, TY, 1>, grid, block);
+        else args(ln_mod_jvp_wide<TX, TM, TY, 2>, grid, block);  // D <= kFastMaxHidden = 2 * 128 * 8
+      } else {
+        const dim3 grid(unsigned(ceil_div(R, kRowWarps))), block(kRowWarps * 32);
+        with_nc(ceil_div(s.D, 32 * VEC), [&](auto nc) {
+          constexpr int NC = decltype(nc)::value;
+          args(ln_mod_jvp_warp<TX, TM, TY, NC>, grid, block);
+        });
+      }
+    };
+    if (y_dot_f32) launch(Tag<float>{}); else launch(Tag<TM>{});
   });
   return int(cudaGetLastError());
 }
+
+static_assert(kFastMaxHidden <= 2 * kWideThreads * VEC, "the wide JVP instantiates NC = 1, 2");
 
 }  // namespace fast
 }  // namespace dumo

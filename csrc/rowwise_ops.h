@@ -2,6 +2,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <cstdint>
 #include <vector>
 
 namespace dumo {
@@ -18,4 +19,5 @@ at::Tensor gated_jvp(const at::Tensor& x_dot, const at::Tensor& g, const at::Ten
 std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, const at::Tensor& h);
 bool with_cuda();
 int cuda_fast_path(int variant);
+std::vector<int64_t> bwd_tile_plan(int64_t N, int64_t T, int64_t slots);
 }  // namespace dumo

@@ -50,6 +50,18 @@ def test_bench_rowwise_cpu_smoke(tmp_path):
     assert [(r["op"], r["impl"]) for r in rows] == [(op, impl) for op in ops for impl in ("pytorch", "cpp")]
     assert all(r["timing"]["median_ms"] > 0 and r["bytes_moved"] > 0 for r in rows)
     assert all(r["ref_ms"] for r in rows if r["impl"] == "cpp")
+    # rowwise_table.py pivots the rows: one line per op, the two implementations side by side
+    with open(out, "a") as f:
+        f.write("not json\n")  # a damaged line is reported and skipped, not fatal
+    tab = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "rowwise_table.py"), str(out)],
+                         capture_output=True, text=True, timeout=120)
+    assert tab.returncode == 0, tab.stderr[-2000:]
+    assert "not JSON" in tab.stderr
+    lines = [ln for ln in tab.stdout.splitlines() if ln.startswith("| odd |")]
+    assert sorted(ln.split(" | ")[1] for ln in lines) == sorted(ops)
+    by_op = {ln.split(" | ")[1]: ln for ln in lines}
+    r0 = next(r for r in rows if r["op"] == "ln_mod_jvp" and r["impl"] == "cpp")
+    assert f"{r0['timing']['median_ms']:.3f}" in by_op["ln_mod_jvp"].split(" | ")[4]
 
 
 def test_bench_zero_cpu_smoke(tmp_path):

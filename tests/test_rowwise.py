@@ -23,8 +23,10 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension not built: {r
 
 CASES = [("cpp", "cpu")]
 # The CUDA kernels run under each process-wide kernel choice of dumo_engine._C.cuda_fast_path: the default, the
-# general kernels only, and the fast path without and with the next row's loads in flight (csrc/rowwise_fast.h).
-CUDA_VARIANTS = {"cuda": 1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3}
+# general kernels only, the fast path without and with the next row's loads in flight, and both of these with the
+# option bits (4: the JVP with four warps per row; 8: backward tiles planned for the card) (csrc/rowwise_fast.h).
+CUDA_VARIANTS = {"cuda": 1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3,
+                 "cuda-nopreload-wide-planned": 2 | 4 | 8, "cuda-preload-wide-planned": 3 | 4 | 8}
 if HAS_CUDA:
     CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
     CASES += [pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
@@ -359,3 +361,112 @@ def test_backward_is_deterministic(use_impl, impl, device):
         outs.append(torch.autograd.grad((y, y_v, y_u, out), leaves, (d["gy"], d["gy"], d["gy2"], d["x"])))
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the fast CUDA backward's tiling (host arithmetic, in every build) and the kernel-choice switch
+# ---------------------------------------------------------------------------------------------------
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _plan_candidates(N, T, slots):
+    """Every tiling bwd_tile_plan may choose, in its order: (tiles wanted, rows, tiles, fill)."""
+    out = []
+    for want in range(1, max(1, _cdiv(T, 64)) + 1):
+        rows = _cdiv(_cdiv(T, want), 4) * 4
+        tiles = _cdiv(T, rows)
+        blocks = N * tiles
+        out.append((want, rows, tiles, blocks / (_cdiv(blocks, slots) * slots)))
+    return out
+
+
+@needs_ext
+@pytest.mark.parametrize("N", [1, 2, 7, 32, 64, 128, 255, 256, 300, 1000])
+@pytest.mark.parametrize("T", [1, 5, 63, 64, 65, 70, 150, 256, 1024])
+@pytest.mark.parametrize("slots", [8, 132, 264, 396])
+def test_bwd_tile_plan(N, T, slots):
+    """rows: a multiple of the 4 slots, covering T in `tiles` tiles, never more than ceil(T / 64) tiles (the size
+    of the partials the glue allocates); and the first tiling (fewest tiles) that fills the waves to 90%, else the
+    best-filling one."""
+    rows, tiles = rw.extension().bwd_tile_plan(N, T, slots)
+    assert rows % 4 == 0 and rows >= 4
+    assert tiles == _cdiv(T, rows) and (tiles - 1) * rows < T <= tiles * rows
+    assert 1 <= tiles <= max(1, _cdiv(T, 64))
+    cands = _plan_candidates(N, T, slots)
+    good = [c for c in cands if c[3] >= 0.9]
+    chosen = good[0] if good else max(cands, key=lambda c: (c[3], -c[0]))
+    assert (rows, tiles) == chosen[1:3], (cands, rows, tiles)
+
+
+@needs_ext
+def test_bwd_tile_plan_examples_and_errors():
+    C = rw.extension()
+    assert C.bwd_tile_plan(256, 256, 264) == [256, 1]  # XL/2 batch 256 on an H100 at 2 blocks/SM: a sample a block
+    assert C.bwd_tile_plan(128, 256, 264) == [128, 2]
+    assert C.bwd_tile_plan(32, 256, 264) == [64, 4]  # capped at ceil(T / 64) tiles
+    assert C.bwd_tile_plan(2, 70, 264) == [36, 2]
+    with pytest.raises(RuntimeError, match=r"bwd_tile_plan: N and T must be >= 0; got N = -1"):
+        C.bwd_tile_plan(-1, 4, 8)
+
+
+@needs_ext
+def test_cuda_fast_path_switch_checks_its_argument():
+    C = rw.extension()
+    if not C.with_cuda():
+        with pytest.raises(RuntimeError, match="has no CUDA kernels"):
+            C.cuda_fast_path(1)
+        return
+    prev = C.cuda_fast_path()
+    try:
+        for bad in (-2, 16, 1 | 16, 100):
+            with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
+                C.cuda_fast_path(bad)
+        assert C.cuda_fast_path(1 | 4 | 8) == prev and C.cuda_fast_path() == 1 | 4 | 8
+    finally:
+        C.cuda_fast_path(prev)
+    assert C.cuda_fast_path() == prev
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,T,D", [(256, 256, 384), (300, 130, 768), (7, 256, 1152), (1000, 72, 64)])
+def test_planned_tiles_match_fixed_tiles(N, T, D):
+    """The fast backward at batch sizes that make bwd_tile_plan choose a sample per block (column sums written by
+    the kernel; N near the card's resident blocks) or several tiles of other than 64 rows: gx and gh are the same
+    to the bit as with 64-row tiles and the same kernel (they do not depend on the tiling) and agree with the general
+    kernels; the column sums agree with both to float32 summation order (bf16 outputs)."""
+    _skip_unavailable("cuda")
+    C = rw.extension()
+    g = torch.Generator(device="cuda").manual_seed(9)  # inputs made on the GPU: these shapes are large for the CPU
+    x = torch.randn(N, T, D, device="cuda", generator=g) * 2 + 0.5
+    ada = (torch.randn(N, 6 * D, device="cuda", generator=g) * 0.5).bfloat16()
+    sv, cv, su, cu = ada.chunk(6, dim=1)[:4]
+    h, gy, gy2 = (torch.randn(N, T, D, device="cuda", generator=g).bfloat16() for _ in range(3))
+
+    def err(a, b):  # relative error, on the GPU
+        a, b = a.double(), b.double()
+        assert torch.isfinite(a).all()
+        return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+    prev = C.cuda_fast_path()
+    res = {}
+    try:
+        variants = (("general", 0), ("fixed", 1), ("planned", 1 | 8), ("fixed-preload", 3), ("planned-preload", 3 | 8))
+        for name, v in variants:
+            C.cuda_fast_path(v)
+            leaves = [t.detach().clone().requires_grad_(True) for t in (x, sv, cv, su, cu, h)]
+            y_v, y_u = rw.dual_layernorm_modulate(*leaves[:5], impl="cuda")[:2]
+            out = rw.gated_residual(leaves[0], leaves[1], leaves[5], impl="cuda")
+            res[name] = torch.autograd.grad((y_v, y_u, out), leaves, (gy, gy2, x))
+    finally:
+        C.cuda_fast_path(prev)
+    for planned, fixed in (("planned", "fixed"), ("planned-preload", "fixed-preload")):
+        for i in (0, 5):  # gx, gh: no column sums in them
+            assert torch.equal(res[planned][i], res[fixed][i]), (planned, i)
+    for name in ("fixed", "planned", "fixed-preload", "planned-preload"):
+        for i, (a, b) in enumerate(zip(res[name], res["general"])):
+            e = err(a, b)
+            if i in (0, 5):
+                assert e < 1e-5, (name, i, e)
+            else:  # column sums over T rows, rounded to bf16: at most an ulp apart where the fp32 order differs
+                assert e < 1e-2, (name, i, e)
