@@ -15,7 +15,8 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
       cuda-general (the general kernels only), cuda-nopreload / cuda-preload (fast path without / with the next
       row's loads in flight: forward and LayerNorm backward), and the option bits on the default: cuda-wide (the
       JVP with four warps per row), cuda-planned (backward tiles planned for the card: a sample per block where
-      that fills it, no second kernel), cuda-wide-planned; the "cuda" rows are the default choice
+      that fills it, no second kernel), cuda-tworows (two rows per pass in the LayerNorm backward),
+      cuda-tworows-planned, cuda-all (every option bit); the "cuda" rows are the default choice
 """
 from __future__ import annotations
 
@@ -141,7 +142,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=0)
     p.add_argument("--cuda-variants", action="store_true",
                    help="also time the CUDA kernel variants (general kernels only; fast path without/with next-row "
-                        "loads; the wide-JVP and planned-tiles option bits)")
+                        "loads; the wide-JVP, planned-tiles and two-rows option bits)")
     p.add_argument("--out", default=None, help="append rows as JSONL here")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -157,7 +158,8 @@ def main() -> None:
     variants = {"cuda": 1}  # dumo_engine._C.cuda_fast_path choices, by row label
     if cuda and args.cuda_variants:
         variants.update({"cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3, "cuda-wide": 1 | 4,
-                         "cuda-planned": 1 | 8, "cuda-wide-planned": 1 | 4 | 8})
+                         "cuda-planned": 1 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16,
+                         "cuda-all": 1 | 4 | 8 | 16})
         impls = list(variants) + ["triton"]
     if cuda and not args.no_compile:
         from torch import _dynamo

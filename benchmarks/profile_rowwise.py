@@ -9,7 +9,8 @@ registers, stalls, DRAM throughput) rather than how fast it is.
 
 Each op runs --warmup times and then --repeat times inside an NVTX range named after it (nsys / ncu --nvtx).
 --variant picks dumo_engine._C.cuda_fast_path (0 general kernels, 1 default, 2 / 3 fast path without / with the
-next row's loads in flight; plus 4 for the JVP with four warps per row, 8 for backward tiles planned for the card). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
+next row's loads in flight; plus 4 for the JVP with four warps per row, 8 for backward tiles planned for the card,
+16 for two rows per pass in the LayerNorm backward). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
 """
 from __future__ import annotations
 

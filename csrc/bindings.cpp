@@ -46,7 +46,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cuda_fast_path", guarded(&dumo::cuda_fast_path),
         "Select the CUDA kernels process-wide, returning the previous choice: a base choice 0 general kernels only, "
         "1 fast path (default), 2 / 3 fast path never / always holding operands ahead of use, plus option bits 4 "
-        "(the JVP with four warps per row) and 8 (the backward's tiles planned for this GPU); -1 only queries",
+        "(the JVP with four warps per row), 8 (the backward's tiles planned for this GPU) and 16 (two rows per pass "
+        "in the LayerNorm backward); -1 only queries",
         py::arg("variant") = -1);
   m.def("bwd_tile_plan", guarded(&dumo::bwd_tile_plan),
         "[rows per block, tiles per sample] of the fast CUDA backward with planned tiles, for N samples of T rows on "

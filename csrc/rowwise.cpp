@@ -362,7 +362,7 @@ int cuda_fast_path(int variant) {
   DUMO_CHECK(variant == -1 || fast::valid_variant(variant),
              "dumo_engine._C.cuda_fast_path: variant must be -1 (query) or a base choice 0 (general kernels only), 1 "
              "(fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload), plus option bits 4 (wide "
-             "JVP) and 8 (planned backward tiles); got ",
+             "JVP), 8 (planned backward tiles) and 16 (two rows per pass in the LayerNorm backward); got ",
              variant);
   return set_cuda_fast_path(variant);
 #else

@@ -39,9 +39,12 @@ constexpr int kBaseMask = 3;
 //   kWideJvp: the JVP with kWideWarps warps per row (fewer registers per thread, all operands loaded before the
 //     reductions: the layout of the Triton JVP, which measured faster on XL/2 bf16 rows) instead of one warp;
 //   kPlannedTiles: the backward's rows per block from bwd_tile_plan (a sample per block where that fills the GPU:
-//     its column sums are written directly, no partials and no second kernel) instead of kBwdTileRows.
-constexpr int kWideJvp = 4, kPlannedTiles = 8;
-constexpr int kOptionMask = kWideJvp | kPlannedTiles;
+//     its column sums are written directly, no partials and no second kernel) instead of kBwdTileRows;
+//   kTwoRows: the LayerNorm backward's warp pairs take two rows per pass (half the shared-memory traffic of the
+//     column sums; two rows of operands in registers instead of the next row's, so the base's preload choice does
+//     not apply), in the kernels that ptxas fits in registers (spills at most kSpillSlack bytes; else the base).
+constexpr int kWideJvp = 4, kPlannedTiles = 8, kTwoRows = 16;
+constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows;
 inline bool valid_variant(int v) { return v >= 0 && (v & ~(kBaseMask | kOptionMask)) == 0; }
 
 // Whether a kernel runs with the next row's loads in flight, given whether that compiled kernel spills at most

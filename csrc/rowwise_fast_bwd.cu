@@ -270,6 +270,120 @@ __global__ void __launch_bounds__(kBlock, 2)
   write_tile_sums<TM, 2 * NMOD, NC>(acc0, partial, sums, N, n, tile, gridDim.y, D);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The same backward, kTwoRows layout: a warp pair takes two of its rows per pass (t and t + kBwdSlots; the second
+// dead past the tile or the sample), so each shared-memory column-sum update and each (1 + scale) load serves two
+// rows: half the shared-memory traffic of ln_mod_bwd_pair (which, for the dual layer in bf16, is of the order of
+// the global traffic itself), for two rows of operands in registers (as with PF). Per row the same formulas; the
+// row sums add their terms per modulation (sum g = sum_k sum_d gy_k (1 + scale_k)), the column sums add the two
+// rows' terms before accumulating.
+// ---------------------------------------------------------------------------------------------------------------
+template <typename TX, typename TM, int NC, int NMOD>
+__global__ void __launch_bounds__(kBlock, 2)
+    ln_mod_bwd_pair2(const TM* __restrict__ gy0, const TM* __restrict__ gy1, const TX* __restrict__ x,
+                     const float* __restrict__ mean, const float* __restrict__ rstd, const TM* __restrict__ sc0,
+                     int64_t s0, const TM* __restrict__ sc1, int64_t s1, TX* __restrict__ gx,
+                     float* __restrict__ partial, const SumPtrs sums, int64_t N, int64_t T, int D, int tile_rows) {
+  constexpr int W = pair_words<NC>();
+  __shared__ float rsum[2][kBwdSlots][2][4];  // [pass parity][slot][warp of the pair][row a: g, g n; row b: g, g n]
+  extern __shared__ float4 smem4[];           // onep[NMOD][W], then per slot acc[2 NMOD][W]
+  float* const onep = reinterpret_cast<float*>(smem4);
+  float* const acc0 = onep + NMOD * W;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slot = warp >> 1, half = warp & 1;
+  const int gl = half * 32 + lane;
+  const int64_t n = blockIdx.x, tile = blockIdx.y;
+  float* const acc = acc0 + slot * 2 * NMOD * W;
+  {
+    float v[VEC];
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      const int c = pair_col(k, gl);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) v[j] = 0.f;
+#pragma unroll
+      for (int a = 0; a < 2 * NMOD; ++a) sts8(acc + a * W, k, gl, v);
+      if (slot == 0) {
+#pragma unroll
+        for (int m = 0; m < NMOD; ++m) {
+          if (c < D) load8((m == 0 ? sc0 + n * s0 : sc1 + n * s1) + c, v);
+#pragma unroll
+          for (int j = 0; j < VEC; ++j) v[j] = c < D ? v[j] + 1.f : 1.f;
+          sts8(onep + m * W, k, gl, v);
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  const int iters = tile_rows / kBwdSlots, passes = (iters + 1) / 2;  // the same on every thread of the block
+  const int64_t t0 = tile * tile_rows + slot;
+  LnRow<TX, TM, NC, NMOD> ra, rb;
+#pragma unroll 1
+  for (int p = 0; p < passes; ++p) {
+    const int64_t ta = t0 + int64_t(2 * p) * kBwdSlots, tb = ta + kBwdSlots;
+    const bool la = ta < T, lb = 2 * p + 1 < iters && tb < T;
+    const int64_t rowa = n * T + ta, rowb = rowa + kBwdSlots;
+    load_ln_row(ra, gy0, gy1, x, mean, rstd, rowa, la, D, gl);
+    load_ln_row(rb, gy0, gy1, x, mean, rstd, rowb, lb, D, gl);
+    float sa0 = 0.f, sa1 = 0.f, sb0 = 0.f, sb1 = 0.f;  // dead rows: gy = 0, adding nothing anywhere
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      if (pair_col(k, gl) >= D) continue;  // padding chunk
+#pragma unroll
+      for (int m = 0; m < NMOD; ++m) {  // n recomputed per modulation and the row sums taken per term: no arrays
+        float op[VEC], as[VEC], an[VEC];  // of n and g per chunk live across the modulations (registers)
+        lds8(onep + m * W, k, gl, op);
+        lds8(acc + m * W, k, gl, as);
+        lds8(acc + (NMOD + m) * W, k, gl, an);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float ya = ra.gy[m][k][j], yb = rb.gy[m][k][j];
+          const float na = (ra.x[k][j] - ra.mu) * ra.rs, nb = (rb.x[k][j] - rb.mu) * rb.rs;
+          const float ta = ya * op[j], tb = yb * op[j];
+          sa0 += ta, sa1 += ta * na, sb0 += tb, sb1 += tb * nb;
+          as[j] += ya + yb;
+          an[j] += ya * na + yb * nb;
+        }
+        sts8(acc + m * W, k, gl, as);
+        sts8(acc + (NMOD + m) * W, k, gl, an);
+      }
+    }
+    sa0 = warp_sum(sa0);
+    sa1 = warp_sum(sa1);
+    sb0 = warp_sum(sb0);
+    sb1 = warp_sum(sb1);
+    float(*sp)[4] = rsum[p & 1][slot];  // double-buffered: one barrier per pass is enough
+    if (lane == 0) sp[half][0] = sa0, sp[half][1] = sa1, sp[half][2] = sb0, sp[half][3] = sb1;
+    pair_barrier(slot);
+    const float ma0 = (sp[0][0] + sp[1][0]) / D, ma1 = (sp[0][1] + sp[1][1]) / D;
+    const float mb0 = (sp[0][2] + sp[1][2]) / D, mb1 = (sp[0][3] + sp[1][3]) / D;
+#pragma unroll
+    for (int k = 0; k < NC; ++k) {
+      const int c = pair_col(k, gl);
+      if (c >= D) continue;
+      float oa[VEC], ob[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) oa[j] = 0.f, ob[j] = 0.f;
+#pragma unroll
+      for (int m = 0; m < NMOD; ++m) {
+        float op[VEC];
+        lds8(onep + m * W, k, gl, op);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) oa[j] += ra.gy[m][k][j] * op[j], ob[j] += rb.gy[m][k][j] * op[j];
+      }
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        oa[j] = ra.rs * (oa[j] - ma0 - (ra.x[k][j] - ra.mu) * ra.rs * ma1);
+        ob[j] = rb.rs * (ob[j] - mb0 - (rb.x[k][j] - rb.mu) * rb.rs * mb1);
+      }
+      if (la) store8(gx + rowa * D + c, oa);
+      if (lb) store8(gx + rowb * D + c, ob);
+    }
+  }
+  __syncthreads();
+  write_tile_sums<TM, 2 * NMOD, NC>(acc0, partial, sums, N, n, tile, gridDim.y, D);
+}
+
 // Backward of out = x + g h:  gx = gout (no kernel),  gh = gout g,  gg = sum_t gout h  (partials per tile)
 template <typename TX, typename TM, int NC>
 struct GatedRow {
@@ -418,7 +532,13 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
         kernel<<<grid, kBlock, smem, st>>>(g0, g1, xp, mean, rstd, c0, st0, c1, st1, gxp, partial, out, s.N, s.T,
                                            int(s.D), int(plan.rows));
       };
-      if (nmod == 2) {
+      // kTwoRows where that kernel fits in registers (spills at most kSpillSlack bytes), else the base choice
+      static const bool two_fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair2<TX, TM, NC, 2>);
+      static const bool one_fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair2<TX, TM, NC, 1>);
+      if ((variant & kTwoRows) && (nmod == 2 ? two_fits : one_fits)) {
+        if (nmod == 2) launch(ln_mod_bwd_pair2<TX, TM, NC, 2>, pair_smem<NC>(2, 4));
+        else launch(ln_mod_bwd_pair2<TX, TM, NC, 1>, pair_smem<NC>(1, 2));
+      } else if (nmod == 2) {
         static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 2, true>);
         if (next_row_in_flight(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 2, true>, pair_smem<NC>(2, 4));
         else launch(ln_mod_bwd_pair<TX, TM, NC, 2, false>, pair_smem<NC>(2, 4));

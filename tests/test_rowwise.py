@@ -23,10 +23,11 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension not built: {r
 
 CASES = [("cpp", "cpu")]
 # The CUDA kernels run under each process-wide kernel choice of dumo_engine._C.cuda_fast_path: the default, the
-# general kernels only, the fast path without and with the next row's loads in flight, and both of these with the
-# option bits (4: the JVP with four warps per row; 8: backward tiles planned for the card) (csrc/rowwise_fast.h).
+# general kernels only, the fast path without and with the next row's loads in flight, and the option bits (4: the
+# JVP with four warps per row; 8: backward tiles planned for the card; 16: two rows per pass in the LayerNorm
+# backward) (csrc/rowwise_fast.h).
 CUDA_VARIANTS = {"cuda": 1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3,
-                 "cuda-nopreload-wide-planned": 2 | 4 | 8, "cuda-preload-wide-planned": 3 | 4 | 8}
+                 "cuda-nopreload-wide-planned": 2 | 4 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16}
 if HAS_CUDA:
     CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
     CASES += [pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
@@ -419,10 +420,10 @@ def test_cuda_fast_path_switch_checks_its_argument():
         return
     prev = C.cuda_fast_path()
     try:
-        for bad in (-2, 16, 1 | 16, 100):
+        for bad in (-2, 32, 1 | 32, 100):
             with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
                 C.cuda_fast_path(bad)
-        assert C.cuda_fast_path(1 | 4 | 8) == prev and C.cuda_fast_path() == 1 | 4 | 8
+        assert C.cuda_fast_path(1 | 4 | 8 | 16) == prev and C.cuda_fast_path() == 1 | 4 | 8 | 16
     finally:
         C.cuda_fast_path(prev)
     assert C.cuda_fast_path() == prev
@@ -451,7 +452,8 @@ def test_planned_tiles_match_fixed_tiles(N, T, D):
     prev = C.cuda_fast_path()
     res = {}
     try:
-        variants = (("general", 0), ("fixed", 1), ("planned", 1 | 8), ("fixed-preload", 3), ("planned-preload", 3 | 8))
+        variants = (("general", 0), ("fixed", 1), ("planned", 1 | 8), ("fixed-preload", 3), ("planned-preload", 3 | 8),
+                    ("fixed-tworows", 1 | 16), ("planned-tworows", 1 | 8 | 16))
         for name, v in variants:
             C.cuda_fast_path(v)
             leaves = [t.detach().clone().requires_grad_(True) for t in (x, sv, cv, su, cu, h)]
@@ -460,10 +462,11 @@ def test_planned_tiles_match_fixed_tiles(N, T, D):
             res[name] = torch.autograd.grad((y_v, y_u, out), leaves, (gy, gy2, x))
     finally:
         C.cuda_fast_path(prev)
-    for planned, fixed in (("planned", "fixed"), ("planned-preload", "fixed-preload")):
+    for planned, fixed in (("planned", "fixed"), ("planned-preload", "fixed-preload"),
+                           ("planned-tworows", "fixed-tworows")):
         for i in (0, 5):  # gx, gh: no column sums in them
             assert torch.equal(res[planned][i], res[fixed][i]), (planned, i)
-    for name in ("fixed", "planned", "fixed-preload", "planned-preload"):
+    for name in ("fixed", "planned", "fixed-preload", "planned-preload", "fixed-tworows", "planned-tworows"):
         for i, (a, b) in enumerate(zip(res[name], res["general"])):
             e = err(a, b)
             if i in (0, 5):
