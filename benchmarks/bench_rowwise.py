@@ -16,7 +16,8 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
       row's loads in flight: forward and LayerNorm backward), and the option bits on the default: cuda-wide (the
       JVP with four warps per row), cuda-planned (backward tiles planned for the card: a sample per block where
       that fills it, no second kernel), cuda-tworows (two rows per pass in the LayerNorm backward),
-      cuda-tworows-planned, cuda-all (every option bit); the "cuda" rows are the default choice
+      cuda-tworows-planned, cuda-all (every option bit); the "cuda" rows are the build's default
+      (csrc/rowwise_fast.h kDefaultVariant; cuda-auto = 1, the automatic choice without option bits)
 """
 from __future__ import annotations
 
@@ -155,9 +156,9 @@ def main() -> None:
     dtypes = ([("fp32+bf16", torch.float32, torch.bfloat16), ("bf16", torch.bfloat16, torch.bfloat16)] if cuda
               else [("fp32", torch.float32, torch.float32)])
     impls = ["cuda", "triton"] if cuda else ["cpp"]
-    variants = {"cuda": 1}  # dumo_engine._C.cuda_fast_path choices, by row label
+    variants = {"cuda": -1}  # dumo_engine._C.cuda_fast_path choices, by row label (-1: the build's default)
     if cuda and args.cuda_variants:
-        variants.update({"cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3, "cuda-wide": 1 | 4,
+        variants.update({"cuda-general": 0, "cuda-auto": 1, "cuda-nopreload": 2, "cuda-preload": 3, "cuda-wide": 1 | 4,
                          "cuda-planned": 1 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16,
                          "cuda-all": 1 | 4 | 8 | 16})
         impls = list(variants) + ["triton"]

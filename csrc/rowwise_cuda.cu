@@ -25,7 +25,7 @@ using namespace dev;
 
 // set_cuda_fast_path: fast::kGeneral (the general kernels only), kAuto, ...; atomic: launches on other host threads
 // may read it while it is set.
-std::atomic<int> g_variant{fast::kAuto};
+std::atomic<int> g_variant{fast::kDefaultVariant};
 
 // Whether a call under `variant` may take the fast path (its base choice is not the general kernels).
 inline bool fast_path(int variant) { return (variant & fast::kBaseMask) != fast::kGeneral; }

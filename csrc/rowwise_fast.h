@@ -45,6 +45,8 @@ constexpr int kBaseMask = 3;
 //     not apply), in the kernels that ptxas fits in registers (spills at most kSpillSlack bytes; else the base).
 constexpr int kWideJvp = 4, kPlannedTiles = 8, kTwoRows = 16;
 constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows;
+// The process-wide default (set_cuda_fast_path changes it): the choice measured best (benchmarks/RESULTS.md).
+constexpr int kDefaultVariant = kAuto;
 inline bool valid_variant(int v) { return v >= 0 && (v & ~(kBaseMask | kOptionMask)) == 0; }
 
 // Whether a kernel runs with the next row's loads in flight, given whether that compiled kernel spills at most

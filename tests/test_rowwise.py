@@ -22,11 +22,11 @@ HAS_CUDA = torch.cuda.is_available()
 needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension not built: {rw.extension_error()}")
 
 CASES = [("cpp", "cpu")]
-# The CUDA kernels run under each process-wide kernel choice of dumo_engine._C.cuda_fast_path: the default, the
-# general kernels only, the fast path without and with the next row's loads in flight, and the option bits (4: the
-# JVP with four warps per row; 8: backward tiles planned for the card; 16: two rows per pass in the LayerNorm
-# backward) (csrc/rowwise_fast.h).
-CUDA_VARIANTS = {"cuda": 1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3,
+# The CUDA kernels run under each process-wide kernel choice of dumo_engine._C.cuda_fast_path: the default (-1:
+# left as built, csrc/rowwise_fast.h kDefaultVariant), the general kernels only, the fast path without and with the
+# next row's loads in flight, and the option bits (4: the JVP with four warps per row; 8: backward tiles planned for
+# the card; 16: two rows per pass in the LayerNorm backward) (csrc/rowwise_fast.h).
+CUDA_VARIANTS = {"cuda": -1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3,
                  "cuda-nopreload-wide-planned": 2 | 4 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16}
 if HAS_CUDA:
     CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
