@@ -5,6 +5,13 @@
 
 #include "rowwise_ops.h"
 
+#ifdef DUMO_CUDA_SIM
+namespace dumo_sim {
+int configure(int sms, int blocks_per_sm, int smem_optin, int64_t local_bytes);  // csrc/sim/cuda_sim.cpp
+int selftest(bool broken);
+}
+#endif
+
 namespace {
 
 // Each op runs inside this wrapper, which turns the glue's errors into Python exceptions itself (TypeError for
@@ -54,4 +61,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "`slots` concurrently resident blocks (host arithmetic: also in CPU builds, for tests)",
         py::arg("N"), py::arg("T"), py::arg("slots"));
   m.def("with_cuda", &dumo::with_cuda, "True when the CUDA kernels were compiled in");
+#ifdef DUMO_CUDA_SIM  // the emulator build (csrc/sim, tests/test_cuda_sim.py): its emulated device
+  m.def("sim_configure", guarded(&dumo_sim::configure),
+        "Emulated device: multiprocessors, resident blocks per SM, opt-in shared memory per block (bytes), spilled "
+        "bytes reported for every kernel",
+        py::arg("sms"), py::arg("blocks_per_sm"), py::arg("smem_optin"), py::arg("local_bytes"));
+  m.def("sim_selftest", guarded(&dumo_sim::selftest),
+        "The emulator's own check: a warp-sum kernel (returns 0), or with broken=True one that must deadlock "
+        "(raises)", py::arg("broken"));
+#endif
 }

@@ -9,10 +9,12 @@
 #include <string>
 #include <type_traits>
 
-#ifdef DUMO_WITH_CUDA
+#if defined(DUMO_WITH_CUDA) && !defined(DUMO_CUDA_SIM)
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_runtime.h>
+#elif defined(DUMO_CUDA_SIM)  // csrc/sim: the CUDA launchers run on host memory (tests only)
+#include <cuda_runtime_api.h>
 #endif
 
 #include "rowwise.h"
@@ -90,8 +92,17 @@ void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const 
                     dims(t.strides()), "); call .contiguous() first");
 }
 
+// Whether x's op runs the CUDA launchers: CUDA tensors; in the emulator build (csrc/sim, tests) every tensor.
+bool on_gpu(const at::Tensor& x) {
+#ifdef DUMO_CUDA_SIM
+  return x.is_cpu() || x.is_cuda();
+#else
+  return x.is_cuda();
+#endif
+}
+
 void check_bwd_grid(const at::Tensor& x, Shape s, const char* op) {
-  if (x.is_cuda())
+  if (on_gpu(x))
     DUMO_CHECK(s.T <= int64_t(65535) * kBwdTileRows, "dumo_engine._C.", op, ": ", s.T,
                      " rows per sample exceed the CUDA backward grid (", int64_t(65535) * kBwdTileRows, ")");
 }
@@ -105,7 +116,7 @@ Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
   DUMO_CHECK(x.is_cpu() || x.is_cuda(), "dumo_engine._C.", op, ": unsupported device ", x.device().str());
   const Shape s{x.size(0), x.size(1), x.size(2)};
   DUMO_CHECK(s.D > 0, "dumo_engine._C.", op, ": hidden size D must be positive");
-  if (x.is_cuda())
+  if (on_gpu(x))
     DUMO_CHECK(s.D <= kMaxHidden, "dumo_engine._C.", op, ": hidden size ", s.D, " exceeds the CUDA kernels' ",
                      kMaxHidden);
   return s;
@@ -139,7 +150,7 @@ void check_dtype(const at::Tensor& t, at::ScalarType want, const char* op, const
 int64_t row_stride(const at::Tensor& t) { return t.size(0) > 1 ? t.stride(0) : 0; }  // one row: never stepped
 
 bool use_cuda(const at::Tensor& x, const char* op) {
-  if (!x.is_cuda()) return false;
+  if (!on_gpu(x)) return false;
 #ifdef DUMO_WITH_CUDA
   return true;
 #else
@@ -155,9 +166,13 @@ void check_launch(int err, const char* op) {
   DUMO_CHECK(err == 0, "dumo_engine._C.", op, ": CUDA kernel launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
 }
+#ifdef DUMO_CUDA_SIM
+#define DUMO_CUDA_CONTEXT(x) void* stream_ = nullptr
+#else
 #define DUMO_CUDA_CONTEXT(x) \
   const c10::cuda::CUDAGuard guard_((x).device()); \
   void* stream_ = at::cuda::getCurrentCUDAStream().stream()
+#endif
 #endif
 
 }  // namespace

@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(512) ln_mod_bwd_kernel(const TM* __restrict__ 
                                                           TX* __restrict__ gx, float* __restrict__ partial,
                                                           int64_t N, int64_t T, int D) {
   __shared__ float sh[64];
-  extern __shared__ float red[];
+  DUMO_DYNAMIC_SMEM(float, red);
   const int64_t n = blockIdx.x, tile = blockIdx.y, n_tiles = gridDim.y;  // N on x: no 65535 limit
   const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
   float onep[NMOD][VEC];
@@ -361,7 +361,7 @@ template <typename TX, typename TM, bool V>
 __global__ void __launch_bounds__(512) gated_bwd_kernel(const TX* __restrict__ gout, const TM* __restrict__ g,
                                                          int64_t gs, const TM* __restrict__ h, TM* __restrict__ gh,
                                                          float* __restrict__ partial, int64_t N, int64_t T, int D) {
-  extern __shared__ float red[];
+  DUMO_DYNAMIC_SMEM(float, red);
   const int64_t n = blockIdx.x, tile = blockIdx.y, n_tiles = gridDim.y;  // N on x: no 65535 limit
   const Cols<V> c{int(threadIdx.x), int(blockDim.x), D};
   float gv[VEC], acc[1][VEC];
@@ -434,8 +434,9 @@ int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, f
       TM* y0 = static_cast<TM*>(ys[0]);
       TM* y1 = static_cast<TM*>(ys[nmod - 1]);
       const TX* xp = static_cast<const TX*>(x);
-#define DUMO_LN_FWD(V, K) \
-  ln_mod_fwd_kernel<TX, TM, V, K><<<grid, geo.block, 0, st>>>(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps)
+#define DUMO_LN_FWD(V, K)                                                                              \
+  DUMO_LAUNCH(grid, geo.block, 0, st, ln_mod_fwd_kernel<TX, TM, V, K>)(xp, m0, m1, y0, y1, mean, rstd, R, s.T, \
+                                                                      int(s.D), eps)
       if (nmod == 2) {
         if (vec) DUMO_LN_FWD(true, 2); else DUMO_LN_FWD(false, 2);
       } else {
@@ -469,10 +470,10 @@ int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const 
       using TM = typename decltype(tmt)::type;
       auto launch = [&](auto tyt) {
         using TY = typename decltype(tyt)::type;
-#define DUMO_LN_JVP(V)                                                                                            \
-  ln_mod_jvp_kernel<TX, TM, TY, V><<<grid, geo.block, 0, st>>>(                                                  \
-      static_cast<const TX*>(x), x_dot, mean, rstd, static_cast<const TM*>(scale), scale_stride,                  \
-      static_cast<const TM*>(shift_dot), shift_dot_stride, static_cast<const TM*>(scale_dot), scale_dot_stride,  \
+#define DUMO_LN_JVP(V)                                                                                           \
+  DUMO_LAUNCH(grid, geo.block, 0, st, ln_mod_jvp_kernel<TX, TM, TY, V>)(                                         \
+      static_cast<const TX*>(x), x_dot, mean, rstd, static_cast<const TM*>(scale), scale_stride,                 \
+      static_cast<const TM*>(shift_dot), shift_dot_stride, static_cast<const TM*>(scale_dot), scale_dot_stride, \
       static_cast<TY*>(y_dot), R, s.T, int(s.D))
         if (vec) DUMO_LN_JVP(true); else DUMO_LN_JVP(false);
 #undef DUMO_LN_JVP
@@ -508,7 +509,7 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
       const TM* c1 = static_cast<const TM*>(scales[nmod - 1]);
       const int64_t s1 = scale_strides[nmod - 1];
 #define DUMO_LN_BWD(V, K)                                                                                 \
-  ln_mod_bwd_kernel<TX, TM, V, K><<<grid, geo.block, smem, st>>>(g0, g1, static_cast<const TX*>(x), mean, \
+  DUMO_LAUNCH(grid, geo.block, smem, st, ln_mod_bwd_kernel<TX, TM, V, K>)(g0, g1, static_cast<const TX*>(x), mean, \
                                                                  rstd, c0, scale_strides[0], c1, s1,       \
                                                                  static_cast<TX*>(gx), partial, s.N, s.T, int(s.D))
       OutPtrs outs{};
@@ -531,7 +532,7 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
 #undef DUMO_LN_BWD
       const int64_t total = 2 * nmod * s.N * s.D;
       if (check == 0 && !summed)
-        colsum_kernel<TM><<<unsigned(ceil_div(total, 256)), 256, 0, st>>>(partial, outs, 2 * nmod, s.N, tiles,
+        DUMO_LAUNCH(unsigned(ceil_div(total, 256)), 256, 0, st, colsum_kernel<TM>)(partial, outs, 2 * nmod, s.N, tiles,
                                                                          int(s.D));
     });
   });
@@ -554,10 +555,10 @@ int gated_fwd_cuda(const void* x, const void* g, int64_t g_stride, const void* h
       auto hp = static_cast<const TM*>(h);
       auto op = static_cast<TX*>(out);
       if (vec)
-        gated_fwd_kernel<TX, TM, true><<<flat_grid(total, VEC), 256, 0, st>>>(xp, gp, g_stride, hp, op, total,
+        DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_fwd_kernel<TX, TM, true>)(xp, gp, g_stride, hp, op, total,
                                                                              s.T * s.D, int(s.D));
       else
-        gated_fwd_kernel<TX, TM, false><<<flat_grid(total, 1), 256, 0, st>>>(xp, gp, g_stride, hp, op, total,
+        DUMO_LAUNCH(flat_grid(total, 1), 256, 0, st, gated_fwd_kernel<TX, TM, false>)(xp, gp, g_stride, hp, op, total,
                                                                             s.T * s.D, int(s.D));
     });
   });
@@ -578,11 +579,11 @@ int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const vo
     auto hp = static_cast<const TM*>(h);
     auto hdp = static_cast<const TM*>(h_dot);
     if (vec)
-      gated_jvp_kernel<TM, true><<<flat_grid(total, VEC), 256, 0, st>>>(x_dot, gp, g_stride, gdp, g_dot_stride, hp,
-                                                                        hdp, out_dot, total, s.T * s.D, int(s.D));
+      DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_jvp_kernel<TM, true>)(
+          x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, out_dot, total, s.T * s.D, int(s.D));
     else
-      gated_jvp_kernel<TM, false><<<flat_grid(total, 1), 256, 0, st>>>(x_dot, gp, g_stride, gdp, g_dot_stride, hp,
-                                                                       hdp, out_dot, total, s.T * s.D, int(s.D));
+      DUMO_LAUNCH(flat_grid(total, 1), 256, 0, st, gated_jvp_kernel<TM, false>)(
+          x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, out_dot, total, s.T * s.D, int(s.D));
   });
   return finish();
 }
@@ -616,16 +617,16 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
       }
       if (!done) {
         if (vec)
-          gated_bwd_kernel<TX, TM, true><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N,
-                                                                        s.T, int(s.D));
+          DUMO_LAUNCH(grid, geo.block, smem, st, gated_bwd_kernel<TX, TM, true>)(gop, gp, g_stride, hp, ghp, partial,
+                                                                                s.N, s.T, int(s.D));
         else
-          gated_bwd_kernel<TX, TM, false><<<grid, geo.block, smem, st>>>(gop, gp, g_stride, hp, ghp, partial, s.N,
-                                                                         s.T, int(s.D));
+          DUMO_LAUNCH(grid, geo.block, smem, st, gated_bwd_kernel<TX, TM, false>)(gop, gp, g_stride, hp, ghp, partial,
+                                                                                 s.N, s.T, int(s.D));
       }
       OutPtrs outs{};
       outs.p[0] = gg;
       if (check == 0 && !summed)
-        colsum_kernel<TM><<<unsigned(ceil_div(s.N * s.D, 256)), 256, 0, st>>>(partial, outs, 1, s.N, tiles,
+        DUMO_LAUNCH(unsigned(ceil_div(s.N * s.D, 256)), 256, 0, st, colsum_kernel<TM>)(partial, outs, 1, s.N, tiles,
                                                                              int(s.D));
     });
   });

@@ -9,6 +9,17 @@
 
 #include "rowwise.h"
 
+// Kernel launches and dynamic shared memory go through these two macros, so that csrc/sim (an emulator of the CUDA
+// execution model on the CPU, for tests: tests/test_cuda_sim.py) runs these same kernels and launchers.
+// DUMO_LAUNCH(grid, block, smem, stream, kernel)(args...) is kernel<<<grid, block, smem, stream>>>(args...).
+#ifdef DUMO_CUDA_SIM
+#define DUMO_LAUNCH(grid, block, smem, stream, ...) ::dumo_sim::launch(grid, block, smem, __VA_ARGS__)
+#define DUMO_DYNAMIC_SMEM(T, name) T* const name = ::dumo_sim::dynamic_smem<T>()
+#else
+#define DUMO_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
+#define DUMO_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#endif
+
 namespace dumo {
 namespace dev {
 
@@ -89,7 +100,11 @@ __device__ __forceinline__ float warp_sum(float v) {
 // their shared-memory accesses like __syncthreads. ID is a literal so ptxas reserves only the ids in use.
 template <int ID>
 __device__ __forceinline__ void named_barrier(int threads) {
+#ifdef DUMO_CUDA_SIM
+  ::dumo_sim::named_barrier(ID, threads);
+#else
   asm volatile("bar.sync %0, %1;" ::"n"(ID), "r"(threads) : "memory");
+#endif
 }
 
 template <typename T>

@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kBlock, 2)
                     float* __restrict__ partial, const SumPtrs sums, int64_t N, int64_t T, int D, int tile_rows) {
   constexpr int W = pair_words<NC>();
   __shared__ float rsum[2][kBwdSlots][2][2];  // [iteration parity][slot][warp of the pair][sum g, sum g n]
-  extern __shared__ float4 smem4[];           // onep[NMOD][W], then per slot acc[2 NMOD][W]
+  DUMO_DYNAMIC_SMEM(float4, smem4);           // onep[NMOD][W], then per slot acc[2 NMOD][W]
   float* const onep = reinterpret_cast<float*>(smem4);
   float* const acc0 = onep + NMOD * W;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slot = warp >> 1, half = warp & 1;
@@ -286,7 +286,7 @@ __global__ void __launch_bounds__(kBlock, 2)
                      float* __restrict__ partial, const SumPtrs sums, int64_t N, int64_t T, int D, int tile_rows) {
   constexpr int W = pair_words<NC>();
   __shared__ float rsum[2][kBwdSlots][2][4];  // [pass parity][slot][warp of the pair][row a: g, g n; row b: g, g n]
-  extern __shared__ float4 smem4[];           // onep[NMOD][W], then per slot acc[2 NMOD][W]
+  DUMO_DYNAMIC_SMEM(float4, smem4);           // onep[NMOD][W], then per slot acc[2 NMOD][W]
   float* const onep = reinterpret_cast<float*>(smem4);
   float* const acc0 = onep + NMOD * W;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slot = warp >> 1, half = warp & 1;
@@ -413,7 +413,7 @@ __global__ void __launch_bounds__(kBlock, 2)
                    TM* __restrict__ gh, float* __restrict__ partial, const SumPtrs sums, int64_t N, int64_t T, int D,
                    int tile_rows) {
   constexpr int W = pair_words<NC>();
-  extern __shared__ float4 smem4[];  // gate[W], then per slot acc[W]
+  DUMO_DYNAMIC_SMEM(float4, smem4);  // gate[W], then per slot acc[W]
   float* const gate = reinterpret_cast<float*>(smem4);
   float* const acc0 = gate + W;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, slot = warp >> 1;
@@ -529,8 +529,8 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
         const TilePlan plan = tile_plan(kernel, smem, s, variant);
         *tiles = plan.tiles;
         const dim3 grid(unsigned(s.N), unsigned(plan.tiles));
-        kernel<<<grid, kBlock, smem, st>>>(g0, g1, xp, mean, rstd, c0, st0, c1, st1, gxp, partial, out, s.N, s.T,
-                                           int(s.D), int(plan.rows));
+        DUMO_LAUNCH(grid, kBlock, smem, st, kernel)(g0, g1, xp, mean, rstd, c0, st0, c1, st1, gxp, partial, out, s.N,
+                                                    s.T, int(s.D), int(plan.rows));
       };
       // kTwoRows where that kernel fits in registers (spills at most kSpillSlack bytes), else the base choice
       static const bool two_fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair2<TX, TM, NC, 2>);
@@ -570,9 +570,9 @@ int gated_bwd_tiles(const void* gout, const void* g, int64_t g_stride, const voi
       const TilePlan plan = tile_plan(kernel, smem, s, variant);
       *tiles = plan.tiles;
       const dim3 grid(unsigned(s.N), unsigned(plan.tiles));
-      kernel<<<grid, kBlock, smem, st>>>(static_cast<const TX*>(gout), static_cast<const TM*>(g), g_stride,
-                                         static_cast<const TM*>(h), static_cast<TM*>(gh), partial, out, s.N, s.T,
-                                         int(s.D), int(plan.rows));
+      DUMO_LAUNCH(grid, kBlock, smem, st, kernel)(static_cast<const TX*>(gout), static_cast<const TM*>(g), g_stride,
+                                                  static_cast<const TM*>(h), static_cast<TM*>(gh), partial, out, s.N,
+                                                  s.T, int(s.D), int(plan.rows));
     });
   });
   return err != 0 ? err : int(cudaGetLastError());  // err: kNotApplicable or the opt-in's error

@@ -251,7 +251,7 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
       constexpr int NC = decltype(nc)::value;
       auto launch = [&](auto kernel, int rows) {
         const dim3 grid(unsigned(ceil_div(R, int64_t(kRowWarps) * rows)));
-        kernel<<<grid, block, 0, st>>>(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps);
+        DUMO_LAUNCH(grid, block, 0, st, kernel)(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps);
       };
       if (nmod == 2) {
         static const bool fits = spills_at_most(kSpillSlack, ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>);
@@ -280,10 +280,11 @@ int ln_mod_jvp(const void* x, const float* x_dot, const float* mean, const float
     auto launch = [&](auto tyt) {
       using TY = typename decltype(tyt)::type;
       auto args = [&](auto kernel, dim3 grid, dim3 block) {
-        kernel<<<grid, block, 0, st>>>(static_cast<const TX*>(x), x_dot, mean, rstd, static_cast<const TM*>(scale),
-                                       scale_stride, static_cast<const TM*>(shift_dot), shift_dot_stride,
-                                       static_cast<const TM*>(scale_dot), scale_dot_stride, static_cast<TY*>(y_dot),
-                                       R, s.T, int(s.D));
+        DUMO_LAUNCH(grid, block, 0, st, kernel)(static_cast<const TX*>(x), x_dot, mean, rstd,
+                                                static_cast<const TM*>(scale), scale_stride,
+                                                static_cast<const TM*>(shift_dot), shift_dot_stride,
+                                                static_cast<const TM*>(scale_dot), scale_dot_stride,
+                                                static_cast<TY*>(y_dot), R, s.T, int(s.D));
       };
       if (wide) {
         const dim3 grid(unsigned(ceil_div(R, kWideRows))), block(kWideRows * kWideThreads);

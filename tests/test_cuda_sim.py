@@ -1,0 +1,207 @@
+"""The CUDA code path of the row-wise ops, run on the CPU by the emulator (csrc/sim, built by cuda_sim_build.py):
+dumo_engine._C's glue, launchers and kernels compiled as host C++, every thread a fiber, barriers and warp shuffles
+emulated (a deadlock raises). Each op under each kernel variant (general kernels, fast path, option bits) against the
+C++ CPU twin, which tests/test_rowwise.py checks against float64; device properties (SMs, resident blocks, shared
+memory, reported spills) are set per test to drive the launchers' choices (tile plans, the shared-memory fallback,
+the preload heuristic). What this cannot check -- speed, the compiled SASS, the memory model -- the GPU suite does.
+
+CI sets DUMO_REQUIRE_CUDA_SIM=1: there a failed emulator build fails instead of skipping.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dumo_engine.ops import rowwise as rw
+
+import cuda_sim_build
+
+C = rw.extension()
+
+
+@pytest.fixture(scope="module")
+def sim():
+    if C is None:
+        pytest.skip(f"C++ extension not built: {rw.extension_error()}")
+    try:
+        m = cuda_sim_build.build()
+    except Exception as e:  # noqa: BLE001 - reported as the skip reason, or raised where required
+        if os.environ.get("DUMO_REQUIRE_CUDA_SIM") == "1":
+            raise
+        pytest.skip(f"CUDA emulator not built: {type(e).__name__}: {e}")
+    m.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+    prev = m.cuda_fast_path()
+    yield m
+    m.cuda_fast_path(prev)
+    m.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+
+
+# kernel variants (csrc/rowwise_fast.h): 0 general kernels, 1 automatic, 2 / 3 without / with the next row's loads in
+# flight; option bits 4 wide JVP, 8 planned backward tiles, 16 two rows per pass in the LayerNorm backward
+VARIANTS = [0, 1, 2, 3, 2 | 4 | 8, 1 | 16, 1 | 8 | 16, 3 | 4 | 8 | 16]
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
+DTYPES_ALL = [(F32, F32), (BF16, BF16), (F16, F16), (F32, BF16)]
+DTYPES_TRAIN = [(F32, BF16), (BF16, BF16)]
+FAST = [  # D % 8 == 0, D <= 2048: the fast path applies
+    ((2, 70, 384), DTYPES_ALL),  # rows cross a 64-row tile; partly filled chunks
+    ((2, 9, 1152), DTYPES_ALL),  # DiT-XL/2 width: padding chunks in the forward, JVP and backward
+    ((1, 5, 2048), DTYPES_TRAIN),  # the widest fast rows (dual backward: 144 KiB of shared memory)
+    ((3, 6, 768), DTYPES_TRAIN),  # DiT-B/2 width
+    ((2, 5, 40), DTYPES_TRAIN),  # narrow rows: most lanes idle
+]
+GENERAL = [((2, 5, 37), DTYPES_ALL), ((1, 3, 2560), DTYPES_TRAIN)]  # odd D; D past the fast path
+CASES = ([(s, tx, tm, v) for s, dts in FAST for tx, tm in dts for v in VARIANTS]
+         + [(s, tx, tm, 1) for s, dts in GENERAL for tx, tm in dts])
+
+
+def tol(dtype):
+    """(rtol, atol factor): the twin and the kernels both compute in float32, in different orders; a rounded
+    output may differ by one unit in the last place of its dtype."""
+    return {F32: (2e-5, 2e-5), BF16: (2 ** -7, 2e-3), F16: (2 ** -10, 2e-4)}[dtype]
+
+
+def close(name, got, want):
+    assert got.dtype == want.dtype and got.shape == want.shape, (name, got.dtype, want.dtype, got.shape, want.shape)
+    rtol, af = tol(want.dtype)
+    g, w = got.double(), want.double()
+    assert torch.isfinite(g).all(), f"{name}: non-finite output"
+    atol = af * max(w.abs().max().item(), 1e-30)
+    bad = (g - w).abs() > atol + rtol * w.abs()
+    assert not bad.any(), (f"{name}: {int(bad.sum())} of {bad.numel()} elements off, first at "
+                           f"{tuple(bad.nonzero()[0].tolist())}: {g[bad][0].item()} vs {w[bad][0].item()}")
+
+
+def operands(shape, tx, tm, seed=0):
+    N, T, D = shape
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, dtype=F32, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(dtype)
+
+    ada = r(N, 6 * D, dtype=tm, scale=0.5)  # adaLN output: row-strided (N, D) views
+    ada_dot = r(N, 6 * D, dtype=tm)
+    return dict(x=(r(N, T, D) * 2 + 0.5).to(tx), mods=ada.chunk(6, dim=1), dots=ada_dot.chunk(6, dim=1),
+                x_dot=r(N, T, D), gy=r(N, T, D, dtype=tm), gy2=r(N, T, D, dtype=tm), h=r(N, T, D, dtype=tm),
+                h_dot=r(N, T, D, dtype=tm), gout=r(N, T, D, dtype=tx))
+
+
+def run_all(m, d):
+    """Every op of the module m (the emulator or the CPU twin) on the operands d, as a name -> tensor dict."""
+    sv, cv, su, cu, g, _ = d["mods"]
+    dsv, dcv, _, _, dg, _ = d["dots"]
+    out = {}
+    y, mean, rstd = m.ln_mod_fwd(d["x"], [sv], [cv], 1e-6)
+    out.update(y=y, mean=mean, rstd=rstd)
+    yv, yu, mean2, rstd2 = m.ln_mod_fwd(d["x"], [sv, su], [cv, cu], 1e-6)
+    out.update(dual_yv=yv, dual_yu=yu, dual_mean=mean2, dual_rstd=rstd2)
+    for f32 in (True, False):
+        out[f"jvp_f32={f32}"] = m.ln_mod_jvp(d["x"], d["x_dot"], mean, rstd, cv, dsv, dcv, f32)
+    for k, v in zip(("gx", "gshift", "gscale"), m.ln_mod_bwd([d["gy"]], d["x"], mean, rstd, [cv])):
+        out[k] = v
+    for k, v in zip(("dual_gx", "gshift_v", "gshift_u", "gscale_v", "gscale_u"),
+                    m.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean2, rstd2, [cv, cu])):
+        out[k] = v
+    out["gated"] = m.gated_fwd(d["x"], g, d["h"])
+    out["gated_jvp"] = m.gated_jvp(d["x_dot"], g, dg, d["h"], d["h_dot"])
+    out["gh"], out["gg"] = m.gated_bwd(d["gout"], g, d["h"])
+    return out
+
+
+@pytest.mark.parametrize("shape,tx,tm,variant", CASES, ids=lambda v: str(v).replace("torch.", ""))
+def test_cuda_path_matches_cpu_twin(sim, shape, tx, tm, variant):
+    """Forward (one and two modulations), JVP (float32 and modulation-dtype outputs), backward (one and two
+    modulations) and the gated residual's three ops: the emulated CUDA launchers and kernels give the CPU twin's
+    results."""
+    sim.cuda_fast_path(variant)
+    d = operands(shape, tx, tm, seed=variant)
+    want = run_all(C, d)
+    got = run_all(sim, d)
+    for k in want:
+        close(k, got[k], want[k])
+
+
+@pytest.mark.parametrize("sms,per_sm", [(1, 1), (4, 2), (64, 2)])
+@pytest.mark.parametrize("variant", [1 | 8, 3 | 8, 1 | 8 | 16])
+def test_planned_tiles_on_emulated_cards(sim, sms, per_sm, variant):
+    """Planned backward tiles on cards of 1, 8 and 128 resident blocks: a sample per block with T > 64 (the kernel
+    writes the column sums), and several tiles of other than 64 rows (partials + the column-sum kernel)."""
+    sim.sim_configure(sms=sms, blocks_per_sm=per_sm, smem_optin=227 * 1024, local_bytes=0)
+    try:
+        sim.cuda_fast_path(variant)
+        for shape in [(2, 150, 384), (9, 130, 64)]:
+            d = operands(shape, F32, BF16, seed=sms)
+            want, got = run_all(C, d), run_all(sim, d)
+            for k in ("gx", "gshift", "gscale", "dual_gx", "gshift_v", "gshift_u", "gscale_v", "gscale_u", "gh", "gg"):
+                close(k, got[k], want[k])
+        assert C.bwd_tile_plan(9, 130, sms * per_sm)[1] in (1, 2, 3)
+    finally:
+        sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+
+
+@pytest.mark.parametrize("smem_kib", [48, 100])
+def test_backward_falls_back_when_shared_memory_is_short(sim, smem_kib):
+    """A card whose per-block shared memory cannot hold a fast backward's column sums (the dual layer needs 110 KiB
+    at D = 1152, 144 KiB at D = 2048) gets the general kernel: same results, no error."""
+    sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=smem_kib * 1024, local_bytes=0)
+    try:
+        for variant in (1, 1 | 8 | 16):
+            sim.cuda_fast_path(variant)
+            for shape in [(2, 9, 1152), (1, 5, 2048)]:
+                d = operands(shape, BF16, BF16)
+                want, got = run_all(C, d), run_all(sim, d)
+                for k in want:
+                    close(k, got[k], want[k])
+    finally:
+        sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+
+
+@pytest.mark.parametrize("spill", [0, 100])
+def test_preload_choice_follows_reported_spills(sim, spill):
+    """kAuto holds the next row in registers only in kernels that spill at most 16 bytes (read once per kernel and
+    process, so each case runs in a fresh process configured before its first launch): with every kernel reporting
+    100 spilled bytes it takes the one-row kernels, with 0 the preloading ones (and the two-rows option applies only
+    at 0); the results are the CPU twin's either way."""
+    code = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
+import test_cuda_sim as t, cuda_sim_build
+sim = cuda_sim_build.build()
+sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes={spill})
+for v in (1, 1 | 16):
+    sim.cuda_fast_path(v)
+    d = t.operands((2, 70, 768), t.F32, t.BF16)
+    want, got = t.run_all(t.C, d), t.run_all(sim, d)
+    for k in want:
+        t.close(k, got[k], want[k])
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+
+
+def test_cuda_only_checks_and_variant_switch(sim):
+    """The glue's CUDA-only input checks and the kernel switch's argument check, which a CPU build never reaches."""
+    x = torch.randn(1, 2, 4100)
+    v = torch.randn(1, 4100)
+    with pytest.raises(RuntimeError, match=r"hidden size 4100 exceeds the CUDA kernels' 4096"):
+        sim.ln_mod_fwd(x, [v], [v], 1e-6)
+    prev = sim.cuda_fast_path()
+    try:
+        for bad in (-2, 32, 1 | 32, 100):
+            with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
+                sim.cuda_fast_path(bad)
+        assert sim.cuda_fast_path(1 | 4 | 8 | 16) == prev and sim.cuda_fast_path() == 1 | 4 | 8 | 16
+    finally:
+        sim.cuda_fast_path(prev)
+
+
+def test_emulator_detects_a_barrier_deadlock(sim):
+    """The emulator's own check: a kernel whose threads disagree on a barrier raises, naming it, instead of
+    hanging (sim_selftest runs a deliberately broken kernel, and a correct one that must pass)."""
+    assert sim.sim_selftest(False) == 0
+    with pytest.raises(RuntimeError, match=r"deadlock in block \(0, 0\).*waits at __syncthreads"):
+        sim.sim_selftest(True)
