@@ -6,10 +6,7 @@
 #include "rowwise_ops.h"
 
 #ifdef DUMO_CUDA_SIM
-namespace dumo_sim {
-int configure(int sms, int blocks_per_sm, int smem_optin, int64_t local_bytes);  // csrc/sim/cuda_sim.cpp
-int selftest(bool broken);
-}
+#include "sim/sim_api.h"  // the emulator build (csrc/sim): its device settings and test hooks
 #endif
 
 namespace {
@@ -67,7 +64,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bytes reported for every kernel",
         py::arg("sms"), py::arg("blocks_per_sm"), py::arg("smem_optin"), py::arg("local_bytes"));
   m.def("sim_selftest", guarded(&dumo_sim::selftest),
-        "The emulator's own check: a warp-sum kernel (returns 0), or with broken=True one that must deadlock "
-        "(raises)", py::arg("broken"));
+        "The emulator's own check: mode 0 a warp-sum kernel with an early-exiting warp (returns 0); 1 a kernel "
+        "that deadlocks, 2 one whose thread throws (both raise)", py::arg("mode"));
+  m.def("sim_order", guarded(&dumo_sim::set_order),
+        "Emulator scheduling order: 0 forward, 1 reverse, 2 greedy low, 3 greedy high", py::arg("order"));
+  m.def("sim_launches", [] {
+    py::list out;
+    for (const auto& r : dumo_sim::take_log())
+      out.append(py::make_tuple(dumo_sim::kernel_name(r.kernel), py::make_tuple(r.grid.x, r.grid.y, r.grid.z),
+                                py::make_tuple(r.block.x, r.block.y, r.block.z), r.smem));
+    return out;
+  }, "The launches since the last call: (kernel '@offset' in the module, grid, block, dynamic shared memory)");
 #endif
 }

@@ -5,6 +5,7 @@
 
 #include <ATen/ATen.h>
 
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -90,6 +91,17 @@ void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const 
                     " but x has shape ", dims(x.sizes()));
   DUMO_CHECK(t.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
                     dims(t.strides()), "); call .contiguous() first");
+}
+
+// The emulator build (csrc/sim, tests) fills every output and scratch buffer with NaN before the launch, so an
+// element a kernel leaves unwritten shows; elsewhere nothing.
+template <typename... Ts>
+void poison(const Ts&... ts) {
+#ifdef DUMO_CUDA_SIM
+  (ts.fill_(std::numeric_limits<double>::quiet_NaN()), ...);
+#else
+  ((void)ts, ...);
+#endif
 }
 
 // Whether x's op runs the CUDA launchers: CUDA tensors; in the emulator build (csrc/sim, tests) every tensor.
@@ -201,6 +213,8 @@ std::vector<at::Tensor> ln_mod_fwd(const at::Tensor& x, const std::vector<at::Te
   }
   at::Tensor mean = at::empty({s.N, s.T}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({s.N, s.T}, x.options().dtype(at::kFloat));
+  for (const auto& t : out) poison(t);
+  poison(mean, rstd);
   if (use_cuda(x, op)) {
 #ifdef DUMO_WITH_CUDA
     DUMO_CUDA_CONTEXT(x);
@@ -233,6 +247,7 @@ at::Tensor ln_mod_jvp(const at::Tensor& x, const at::Tensor& x_dot, const at::Te
   check_dtype(shift_dot, scale.scalar_type(), op, "shift_dot", "modulation vectors share scale's dtype");
   check_dtype(scale_dot, scale.scalar_type(), op, "scale_dot", "modulation vectors share scale's dtype");
   at::Tensor y_dot = at::empty(x.sizes(), x.options().dtype(y_dot_f32 ? at::kFloat : scale.scalar_type()));
+  poison(y_dot);
   if (use_cuda(x, op)) {
 #ifdef DUMO_WITH_CUDA
     DUMO_CUDA_CONTEXT(x);
@@ -282,6 +297,9 @@ std::vector<at::Tensor> ln_mod_bwd(const std::vector<at::Tensor>& gys, const at:
     gscp[k] = gsc.back().data_ptr();
   }
   at::Tensor partial = at::empty({bwd_partial_floats(s, 2 * nmod)}, x.options().dtype(at::kFloat));
+  for (const auto& t : out) poison(t);
+  for (int k = 0; k < nmod; ++k) poison(gsh[k], gsc[k]);
+  poison(partial);
   if (use_cuda(x, op)) {
 #ifdef DUMO_WITH_CUDA
     DUMO_CUDA_CONTEXT(x);
@@ -307,6 +325,7 @@ at::Tensor gated_fwd(const at::Tensor& x, const at::Tensor& g, const at::Tensor&
   const DType tm = dtype_of(g, op, "g");
   check_dtype(h, g.scalar_type(), op, "h", "the branch output and its gate share a dtype");
   at::Tensor out = at::empty_like(x);
+  poison(out);
   if (use_cuda(x, op)) {
 #ifdef DUMO_WITH_CUDA
     DUMO_CUDA_CONTEXT(x);
@@ -333,6 +352,7 @@ at::Tensor gated_jvp(const at::Tensor& x_dot, const at::Tensor& g, const at::Ten
   check_dtype(h, g.scalar_type(), op, "h", "the branch output and its gate share a dtype");
   check_dtype(h_dot, g.scalar_type(), op, "h_dot", "the branch tangent and its gate share a dtype");
   at::Tensor out = at::empty_like(x_dot);
+  poison(out);
   if (use_cuda(x_dot, op)) {
 #ifdef DUMO_WITH_CUDA
     DUMO_CUDA_CONTEXT(x_dot);
@@ -359,6 +379,7 @@ std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, c
   at::Tensor gh = at::empty_like(h);
   at::Tensor gg = at::empty({s.N, s.D}, gout.options().dtype(g.scalar_type()));
   at::Tensor partial = at::empty({bwd_partial_floats(s, 1)}, gout.options().dtype(at::kFloat));
+  poison(gh, gg, partial);
   if (use_cuda(gout, op)) {
 #ifdef DUMO_WITH_CUDA
     DUMO_CUDA_CONTEXT(gout);

@@ -12,12 +12,15 @@
 // Kernel launches and dynamic shared memory go through these two macros, so that csrc/sim (an emulator of the CUDA
 // execution model on the CPU, for tests: tests/test_cuda_sim.py) runs these same kernels and launchers.
 // DUMO_LAUNCH(grid, block, smem, stream, kernel)(args...) is kernel<<<grid, block, smem, stream>>>(args...).
+// DUMO_ALIGNED16(p): the emulator checks that a 16-byte access is aligned (x86 would not fault); nothing on a GPU.
 #ifdef DUMO_CUDA_SIM
 #define DUMO_LAUNCH(grid, block, smem, stream, ...) ::dumo_sim::launch(grid, block, smem, __VA_ARGS__)
 #define DUMO_DYNAMIC_SMEM(T, name) T* const name = ::dumo_sim::dynamic_smem<T>()
+#define DUMO_ALIGNED16(p) ::dumo_sim::check_aligned16(p)
 #else
 #define DUMO_LAUNCH(grid, block, smem, stream, ...) __VA_ARGS__<<<grid, block, smem, stream>>>
 #define DUMO_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
+#define DUMO_ALIGNED16(p) ((void)0)
 #endif
 
 namespace dumo {
@@ -46,6 +49,7 @@ struct Conv<__half> {
 // 8 consecutive elements at a 16-byte aligned p: one 16-byte load for 2-byte types, two for float.
 template <typename T>
 __device__ __forceinline__ void load8(const T* __restrict__ p, float* r) {
+  DUMO_ALIGNED16(p);
   if constexpr (sizeof(T) == 4) {
     const float4 a = __ldg(reinterpret_cast<const float4*>(p));
     const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
@@ -60,6 +64,7 @@ __device__ __forceinline__ void load8(const T* __restrict__ p, float* r) {
 
 template <typename T>
 __device__ __forceinline__ void store8(T* __restrict__ p, const float* r) {
+  DUMO_ALIGNED16(p);
   if constexpr (sizeof(T) == 4) {
     reinterpret_cast<float4*>(p)[0] = make_float4(r[0], r[1], r[2], r[3]);
     reinterpret_cast<float4*>(p)[1] = make_float4(r[4], r[5], r[6], r[7]);
@@ -79,6 +84,7 @@ struct Raw8 {
   static constexpr int kU = int(sizeof(T)) / 2;  // uint4 per 8 elements: 1 (bf16/fp16) or 2 (float)
   uint4 u[kU];
   __device__ __forceinline__ void load(const T* __restrict__ p) {
+    DUMO_ALIGNED16(p);
 #pragma unroll
     for (int i = 0; i < kU; ++i) u[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
   }

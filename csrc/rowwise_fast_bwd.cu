@@ -63,12 +63,14 @@ __host__ __device__ constexpr int pair_words() {
 
 __device__ __forceinline__ void lds8(const float* base, int k, int gl, float* r) {
   const float4* p = reinterpret_cast<const float4*>(base) + 2 * k * kPairThreads + gl;
+  DUMO_ALIGNED16(p);
   const float4 a = p[0], b = p[kPairThreads];
   r[0] = a.x, r[1] = a.y, r[2] = a.z, r[3] = a.w, r[4] = b.x, r[5] = b.y, r[6] = b.z, r[7] = b.w;
 }
 
 __device__ __forceinline__ void sts8(float* base, int k, int gl, const float* r) {
   float4* p = reinterpret_cast<float4*>(base) + 2 * k * kPairThreads + gl;
+  DUMO_ALIGNED16(p);
   p[0] = make_float4(r[0], r[1], r[2], r[3]);
   p[kPairThreads] = make_float4(r[4], r[5], r[6], r[7]);
 }

@@ -65,7 +65,7 @@ def build(verbose: bool = False):
     os.makedirs(build_dir, exist_ok=True)
     return load(name=NAME, sources=sources, build_directory=build_dir, verbose=verbose,
                 extra_include_paths=[csrc, inc],
-                extra_cflags=["-O1", "-fopenmp", "-DDUMO_CUDA_SIM", "-DDUMO_WITH_CUDA"],
+                extra_cflags=["-O1", "-fno-strict-aliasing", "-fopenmp", "-DDUMO_CUDA_SIM", "-DDUMO_WITH_CUDA"],
                 extra_ldflags=["-fopenmp"])
 
 

@@ -3,6 +3,8 @@
 
 #include <ucontext.h>
 
+#include <dlfcn.h>
+
 #include <cstring>
 #include <exception>
 #include <map>
@@ -64,6 +66,10 @@ struct BlockRun {
 BlockRun* g_run = nullptr;
 std::vector<char> g_smem;
 cudaError_t g_error = cudaSuccess;
+std::map<const void*, int> g_optin;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel
+std::vector<LaunchRecord> g_log;
+constexpr size_t kCanary = 64;      // bytes past the dynamic shared memory that must stay untouched
+constexpr char kPoison = char(0xff);  // every float / half / bf16 made of these bytes is a NaN
 
 Thread& me() { return g_run->threads[g_run->cur]; }
 
@@ -98,21 +104,42 @@ void thread_main() {
   swapcontext(&me().ctx, &r.sched);
 }
 
+// Scheduling order (set_order): fibers switch only at barriers and shuffles, so which runnable fiber goes next
+// decides which unsynchronised shared-memory orderings a run sees. kForward / kReverse: round-robin from the lowest
+// / highest thread; kGreedyLow / kGreedyHigh: always the lowest / highest runnable thread. A kernel with a missing
+// barrier or a single-buffered exchange gives different results under some of them (tests run several).
+int g_order = 0;
+enum { kForward = 0, kReverse = 1, kGreedyLow = 2, kGreedyHigh = 3 };
+
+bool runnable(const Thread& t) { return !t.done && !(t.waiting && t.waiting->generation == t.wait_gen); }
+
 void run_block(BlockRun& r) {
   const int n = int(r.threads.size());
   for (;;) {
     bool ran = false, pending = false;
-    for (int i = 0; i < n; ++i) {
+    for (int k = 0; k < n; ++k) {
+      int i = k;
+      if (g_order == kReverse) {
+        i = n - 1 - k;
+      } else if (g_order == kGreedyLow || g_order == kGreedyHigh) {
+        i = -1;  // the first runnable thread from the chosen end; rescanned after every switch
+        for (int j = 0; j < n && i < 0; ++j) {
+          const int c = g_order == kGreedyLow ? j : n - 1 - j;
+          if (runnable(r.threads[c])) i = c;
+        }
+        if (i < 0) break;
+      }
       Thread& t = r.threads[i];
       if (t.done) continue;
       pending = true;
-      if (t.waiting && t.waiting->generation == t.wait_gen) continue;  // still blocked
+      if (!runnable(t)) continue;  // still blocked
       t.waiting = nullptr;
       r.cur = i;
       swapcontext(&r.sched, &t.ctx);
       ran = true;
       if (r.error) return;
     }
+    for (const Thread& t : r.threads) pending = pending || !t.done;
     if (!pending) return;
     if (!ran) {
       std::string what = "dumo_sim: deadlock in block (" + std::to_string(g_block_idx.x) + ", " +
@@ -170,16 +197,25 @@ void* dynamic_smem_raw() { return g_smem.data(); }
 
 void set_error(cudaError_t e) { g_error = e; }
 
-void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
-  if (g_run) throw std::runtime_error("dumo_sim: a launch from inside a kernel");
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
+  if (g_run) throw std::runtime_error("dumo_sim: a launch from inside a kernel (or from two host threads)");
   const int nthreads = int(block.x * block.y * block.z);
-  if (nthreads <= 0 || nthreads > 1024) throw std::runtime_error("dumo_sim: block of " + std::to_string(nthreads) +
-                                                                 " threads (1..1024)");
+  if (nthreads <= 0 || nthreads > 1024 || block.z > 64)
+    throw std::runtime_error("dumo_sim: block (" + std::to_string(block.x) + ", " + std::to_string(block.y) + ", " +
+                             std::to_string(block.z) + "): 1..1024 threads, z <= 64");
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0 || grid.y > 65535 || grid.z > 65535)
+    throw std::runtime_error("dumo_sim: grid (" + std::to_string(grid.x) + ", " + std::to_string(grid.y) + ", " +
+                             std::to_string(grid.z) + "): every dimension >= 1, y and z <= 65535");
   if (smem > size_t(props().smem_optin))
     throw std::runtime_error("dumo_sim: " + std::to_string(smem) + " bytes of dynamic shared memory, over the " +
                              std::to_string(props().smem_optin) + "-byte opt-in limit");
-  // poisoned, as shared memory holds garbage on a GPU: a kernel that reads before writing shows as a mismatch
-  g_smem.assign(smem + 16, char(0x7f));
+  if (smem > 48 * 1024) {
+    const auto it = g_optin.find(kernel);
+    if (it == g_optin.end() || size_t(it->second) < smem)
+      throw std::runtime_error("dumo_sim: " + std::to_string(smem) + " bytes of dynamic shared memory without the "
+                               "kernel's cudaFuncAttributeMaxDynamicSharedMemorySize opt-in");
+  }
+  g_log.push_back({kernel, grid, block, smem});
   g_grid_dim = grid;
   g_block_dim = block;
   BlockRun r;
@@ -200,6 +236,9 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
         r.block_bar = Barrier{};
         r.named.clear();
         for (auto& b : r.warp_bar) b = Barrier{};
+        // poisoned per block (NaN in every float type), as shared memory holds garbage on a GPU: a kernel that
+        // reads before it writes shows as NaN; the canary past the end catches overruns
+        g_smem.assign(smem + kCanary, kPoison);
         for (int i = 0; i < nthreads; ++i) {
           Thread& t = r.threads[i];
           t.done = false;
@@ -213,25 +252,59 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
         }
         run_block(r);
         if (r.error) std::rethrow_exception(r.error);
+        for (size_t i = smem; i < smem + kCanary; ++i)
+          if (g_smem[i] != kPoison)
+            throw std::runtime_error("dumo_sim: block (" + std::to_string(bx) + ", " + std::to_string(by) +
+                                     ") wrote past its " + std::to_string(smem) + " bytes of dynamic shared memory");
       }
 }
 
-int selftest(bool broken) {
+void check_aligned16(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    throw std::runtime_error("dumo_sim: a 16-byte access at an address that is not 16-byte aligned");
+}
+
+void set_order(int order) {
+  if (order < kForward || order > kGreedyHigh)
+    throw std::runtime_error("dumo_sim: scheduling order must be 0 (forward), 1 (reverse), 2 (greedy low) or 3 "
+                             "(greedy high)");
+  g_order = order;
+}
+
+std::vector<LaunchRecord> take_log() {
+  std::vector<LaunchRecord> out;
+  out.swap(g_log);
+  return out;
+}
+
+std::string kernel_name(const void* kernel) {
+  Dl_info info{};
+  if (!dladdr(kernel, &info) || !info.dli_fbase) return "?";
+  return "@" + std::to_string(reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase));
+}
+
+int selftest(int mode) {
   std::vector<float> out(128, -1.f);
   float* o = out.data();
-  run_grid(dim3(2), dim3(64), 0, [&] {
+  run_grid(nullptr, dim3(2), dim3(64), 0, [&] {
     const int t = int(thread_idx().x);
-    if (broken) {  // half the block at __syncthreads, half at a 64-thread named barrier: neither can complete
+    if (mode == 1) {  // half the block at __syncthreads, half at a 64-thread named barrier: neither can complete
       if (t < 32) syncthreads();
       else named_barrier(1, 64);
       return;
     }
+    if (mode == 2 && t == 40) throw std::runtime_error("dumo_sim.selftest: thrown by thread 40");
+    if (g_block_idx.x == 1 && t >= 32) return;  // a warp that exits: the block's __syncthreads must not wait for it
     float v = float(t);
     for (int m = 16; m > 0; m >>= 1) v += shfl_xor(v, m);  // a butterfly warp sum, as the kernels do
     syncthreads();
     o[g_block_idx.x * 64 + t] = v;
   });
   for (int i = 0; i < 128; ++i) {
+    if (i >= 96) {
+      if (out[i] != -1.f) throw std::runtime_error("dumo_sim.selftest: an exited thread wrote");
+      continue;
+    }
     const int w = (i % 64) / 32;
     const float want = float(32 * 32 * w + 31 * 32 / 2);  // sum of 32 w .. 32 w + 31
     if (out[i] != want)
@@ -280,9 +353,11 @@ cudaError_t cudaDeviceGetAttribute(int* value, enum cudaDeviceAttr attr, int dev
   }
 }
 
-cudaError_t cudaFuncSetAttribute(const void* /*func*/, enum cudaFuncAttribute attr, int value) {
-  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize && value > dumo_sim::props().smem_optin)
-    return dumo_sim::g_error = cudaErrorInvalidValue;
+cudaError_t cudaFuncSetAttribute(const void* func, enum cudaFuncAttribute attr, int value) {
+  if (attr == cudaFuncAttributeMaxDynamicSharedMemorySize) {
+    if (value > dumo_sim::props().smem_optin) return dumo_sim::g_error = cudaErrorInvalidValue;
+    dumo_sim::g_optin[func] = value;
+  }
   return cudaSuccess;
 }
 

@@ -6,10 +6,14 @@
 //
 // Model: blocks run one after another; the threads of a block are cooperative fibers (ucontext) on the calling OS
 // thread, switched only at __syncthreads, named barriers (bar.sync id, count) and warp shuffles, so every run is
-// deterministic. A barrier releases when its count of threads has arrived (__syncthreads: every thread of the
-// block that has not exited); when no thread can run and some are waiting, that is a deadlock and the launch
-// throws, naming the barrier. `__shared__` variables are function statics (one block at a time shares them),
-// dynamic shared memory is one buffer per launch. The CUDA runtime calls the launchers make are emulated with the
+// deterministic; which runnable fiber goes next follows set_order() (forward, reverse, greedy low / high: a missing
+// barrier or a single-buffered exchange shows under some of them). A barrier releases when its count of threads
+// has arrived (__syncthreads: every thread of the block that has not exited); when no thread can run and some are
+// waiting, that is a deadlock and the launch throws, naming the barrier. `__shared__` variables are function
+// statics (one block at a time shares them; not poisoned: the kernels write them before reading), dynamic shared
+// memory is one buffer refilled with NaN bytes per block, with a canary past its end. 16-byte accesses are checked
+// for alignment (DUMO_ALIGNED16), launches for their configuration and shared-memory opt-in, and every launch is
+// logged (take_log) so tests can check which kernels a call ran. The CUDA runtime calls the launchers make are emulated with the
 // device properties set by configure(): multiprocessor count, resident blocks per SM, opt-in shared memory, spilled
 // bytes. Each configure() presents a new device ordinal, so the launchers' per-device caches (resident blocks) see
 // a different card; their per-kernel caches (spills, read once per process) do not change: a test of the spill
@@ -30,6 +34,9 @@
 #include <string>
 #include <tuple>
 #include <utility>
+#include <vector>
+
+#include "sim_api.h"
 
 // Device-code keywords become plain C++ (after the CUDA headers, which define them for host compilers).
 #undef __global__
@@ -56,9 +63,9 @@ struct Props {
   size_t local_bytes = 0;           // cudaFuncGetAttributes' localSizeBytes (spills) of every kernel
 };
 Props& props();
-int configure(int sms, int blocks_per_sm, int smem_optin, int64_t local_bytes);  // sets props(); returns 0
-// The emulator's own check: a warp-sum kernel (0 when right, else throws), or (broken) one that deadlocks.
-int selftest(bool broken);
+// The emulator build's glue fills every output and scratch buffer with NaN before a launch (rowwise.cpp), so a
+// kernel that leaves an element unwritten shows.
+void check_aligned16(const void* p);  // throws unless p is 16-byte aligned (a GPU's 16-byte loads and stores need it)
 
 // Per-thread state of the fiber that runs now.
 uint3 thread_idx();
@@ -74,8 +81,10 @@ T* dynamic_smem() {
 }
 
 // Runs body() once per thread of every block of the grid (see the model above); throws std::runtime_error on a
-// deadlock, a shared-memory request over the opt-in limit, or an exception in a thread.
-void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+// deadlock, a bad launch configuration, dynamic shared memory over the device limit or above 48 KiB without the
+// kernel's opt-in, a write past the dynamic shared memory, or an exception in a thread.
+void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
+
 // The sticky error a failed launch leaves for cudaGetLastError (cleared by it), as in CUDA.
 void set_error(cudaError_t e);
 
@@ -89,7 +98,7 @@ struct Launch {
     std::tuple<P...> args(std::forward<A>(a)...);  // converted as a launch converts them, copied once
     auto k = kernel;
     try {
-      run_grid(grid, block, smem, [&] { std::apply(k, args); });
+      run_grid(reinterpret_cast<const void*>(k), grid, block, smem, [&] { std::apply(k, args); });
     } catch (...) {
       set_error(cudaErrorLaunchFailure);
       throw;
