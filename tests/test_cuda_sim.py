@@ -134,16 +134,25 @@ def test_cuda_path_matches_cpu_twin(sim, shape, tx, tm, variant):
 @pytest.mark.parametrize("variant", [1 | 8, 3 | 8, 1 | 8 | 16])
 def test_planned_tiles_on_emulated_cards(sim, sms, per_sm, variant):
     """Planned backward tiles on cards of 1, 8 and 128 resident blocks: a sample per block with T > 64 (the kernel
-    writes the column sums), and several tiles of other than 64 rows (partials + the column-sum kernel)."""
+    writes the column sums), and several tiles of other than 64 rows (partials + the column-sum kernel). The launch
+    log shows each fast backward on the planned grid, and the column-sum kernel exactly when a sample spans tiles."""
+    names = _kernel_names(sim)
     sim.sim_configure(sms=sms, blocks_per_sm=per_sm, smem_optin=227 * 1024, local_bytes=0)
     try:
         sim.cuda_fast_path(variant)
         for shape in [(2, 150, 384), (9, 130, 64)]:
+            N, T, _ = shape
             d = operands(shape, F32, BF16, seed=sms)
-            want, got = run_all(C, d), run_all(sim, d)
+            want = run_all(C, d)
+            sim.sim_launches()
+            got = run_all(sim, d)
+            log = _launched(sim, names)
             for k in ("gx", "gshift", "gscale", "dual_gx", "gshift_v", "gshift_u", "gscale_v", "gscale_u", "gh", "gg"):
                 close(k, got[k], want[k])
-        assert C.bwd_tile_plan(9, 130, sms * per_sm)[1] in (1, 2, 3)
+            tiles = C.bwd_tile_plan(N, T, sms * per_sm)[1]
+            bwd = [grid for name, grid in log if "_bwd_pair" in name]
+            assert len(bwd) == 3 and all(g == (N, tiles, 1) for g in bwd), (tiles, log)
+            assert sum("colsum_kernel" in name for name, _ in log) == (3 if tiles > 1 else 0), (tiles, log)
     finally:
         sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
 
