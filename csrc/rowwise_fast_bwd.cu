@@ -124,6 +124,32 @@ int launch_attr(K kernel, size_t smem) {
   return int(e);
 }
 
+// The LayerNorm backward kernels' shared memory before the rows: this slot's 2 NMOD column-sum arrays zeroed, and
+// (slot 0) onep[m] = 1 + scale_m of the sample (scale rows at sc0 / sc1; 1 past D). The caller syncs the block.
+template <typename TM, int NC, int NMOD>
+__device__ __forceinline__ void init_ln_smem(float* onep, float* acc, const TM* __restrict__ sc0,
+                                             const TM* __restrict__ sc1, int slot, int gl, int D) {
+  constexpr int W = pair_words<NC>();
+  float v[VEC];
+#pragma unroll
+  for (int k = 0; k < NC; ++k) {
+    const int c = pair_col(k, gl);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) v[j] = 0.f;
+#pragma unroll
+    for (int a = 0; a < 2 * NMOD; ++a) sts8(acc + a * W, k, gl, v);
+    if (slot == 0) {
+#pragma unroll
+      for (int m = 0; m < NMOD; ++m) {
+        if (c < D) load8((m == 0 ? sc0 : sc1) + c, v);
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) v[j] = c < D ? v[j] + 1.f : 1.f;
+        sts8(onep + m * W, k, gl, v);
+      }
+    }
+  }
+}
+
 // One row's operands for one thread, as loaded (converted on use).
 template <typename TX, typename TM, int NC, int NMOD>
 struct LnRow {
@@ -178,26 +204,7 @@ __global__ void __launch_bounds__(kBlock, 2)
   const int gl = half * 32 + lane;
   const int64_t n = blockIdx.x, tile = blockIdx.y;  // N on x: no 65535 limit
   float* const acc = acc0 + slot * 2 * NMOD * W;
-  {
-    float v[VEC];
-#pragma unroll
-    for (int k = 0; k < NC; ++k) {
-      const int c = pair_col(k, gl);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = 0.f;
-#pragma unroll
-      for (int a = 0; a < 2 * NMOD; ++a) sts8(acc + a * W, k, gl, v);
-      if (slot == 0) {
-#pragma unroll
-        for (int m = 0; m < NMOD; ++m) {
-          if (c < D) load8((m == 0 ? sc0 + n * s0 : sc1 + n * s1) + c, v);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) v[j] = c < D ? v[j] + 1.f : 1.f;
-          sts8(onep + m * W, k, gl, v);
-        }
-      }
-    }
-  }
+  init_ln_smem<TM, NC, NMOD>(onep, acc, sc0 + n * s0, sc1 + n * s1, slot, gl, D);
   __syncthreads();
 
   const int iters = tile_rows / kBwdSlots;  // rows per warp pair
@@ -295,26 +302,7 @@ __global__ void __launch_bounds__(kBlock, 2)
   const int gl = half * 32 + lane;
   const int64_t n = blockIdx.x, tile = blockIdx.y;
   float* const acc = acc0 + slot * 2 * NMOD * W;
-  {
-    float v[VEC];
-#pragma unroll
-    for (int k = 0; k < NC; ++k) {
-      const int c = pair_col(k, gl);
-#pragma unroll
-      for (int j = 0; j < VEC; ++j) v[j] = 0.f;
-#pragma unroll
-      for (int a = 0; a < 2 * NMOD; ++a) sts8(acc + a * W, k, gl, v);
-      if (slot == 0) {
-#pragma unroll
-        for (int m = 0; m < NMOD; ++m) {
-          if (c < D) load8((m == 0 ? sc0 + n * s0 : sc1 + n * s1) + c, v);
-#pragma unroll
-          for (int j = 0; j < VEC; ++j) v[j] = c < D ? v[j] + 1.f : 1.f;
-          sts8(onep + m * W, k, gl, v);
-        }
-      }
-    }
-  }
+  init_ln_smem<TM, NC, NMOD>(onep, acc, sc0 + n * s0, sc1 + n * s1, slot, gl, D);
   __syncthreads();
 
   const int iters = tile_rows / kBwdSlots, passes = (iters + 1) / 2;  // the same on every thread of the block

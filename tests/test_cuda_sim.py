@@ -21,6 +21,7 @@ import torch
 from dumo_engine.ops import rowwise as rw
 
 import cuda_sim_build
+from test_rowwise import check_variant_switch, inputs, rnd
 
 C = rw.extension()
 
@@ -82,23 +83,17 @@ def close(name, got, want):
 
 
 def operands(shape, tx, tm, seed=0):
-    N, T, D = shape
-    g = torch.Generator().manual_seed(seed)
-
-    def r(*s, dtype=F32, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to(dtype)
-
-    ada = r(N, 6 * D, dtype=tm, scale=0.5)  # adaLN output: row-strided (N, D) views
-    ada_dot = r(N, 6 * D, dtype=tm)
-    return dict(x=(r(N, T, D) * 2 + 0.5).to(tx), mods=ada.chunk(6, dim=1), dots=ada_dot.chunk(6, dim=1),
-                x_dot=r(N, T, D), gy=r(N, T, D, dtype=tm), gy2=r(N, T, D, dtype=tm), h=r(N, T, D, dtype=tm),
-                h_dot=r(N, T, D, dtype=tm), gout=r(N, T, D, dtype=tx))
+    """test_rowwise's inputs (x, row-strided adaLN views and their tangents, branch tensors, gradients) plus the
+    gated backward's gout in the residual dtype."""
+    d = inputs(shape, tx, tm, "cpu", seed=seed)
+    d["gout"] = rnd(*shape, dtype=tx, seed=seed + 8)
+    return d
 
 
 def run_all(m, d):
     """Every op of the module m (the emulator or the CPU twin) on the operands d, as a name -> tensor dict."""
     sv, cv, su, cu, g, _ = d["mods"]
-    dsv, dcv, _, _, dg, _ = d["dots"]
+    dsv, dcv, _, _, dg, _ = d["mods_dot"]
     out = {}
     y, mean, rstd = m.ln_mod_fwd(d["x"], [sv], [cv], 1e-6)
     out.update(y=y, mean=mean, rstd=rstd)
@@ -204,14 +199,7 @@ def test_cuda_only_checks_and_variant_switch(sim):
     v = torch.randn(1, 4100)
     with pytest.raises(RuntimeError, match=r"hidden size 4100 exceeds the CUDA kernels' 4096"):
         sim.ln_mod_fwd(x, [v], [v], 1e-6)
-    prev = sim.cuda_fast_path()
-    try:
-        for bad in (-2, 32, 1 | 32, 100):
-            with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
-                sim.cuda_fast_path(bad)
-        assert sim.cuda_fast_path(1 | 4 | 8 | 16) == prev and sim.cuda_fast_path() == 1 | 4 | 8 | 16
-    finally:
-        sim.cuda_fast_path(prev)
+    check_variant_switch(sim)
 
 
 def test_emulator_checks_itself(sim):
@@ -293,7 +281,7 @@ def test_each_variant_runs_its_kernels(sim):
         sim.cuda_fast_path(variant)
         d = operands(shape, *dtypes)
         sv, cv, su, cu, _, _ = d["mods"]
-        dsv, dcv = d["dots"][:2]
+        dsv, dcv = d["mods_dot"][:2]
         y, mean, rstd = sim.ln_mod_fwd(d["x"], [sv, su], [cv, cu], 1e-6)[1:] if op == "dual" else \
             sim.ln_mod_fwd(d["x"], [sv], [cv], 1e-6)
         sim.sim_launches()  # only the op of interest below

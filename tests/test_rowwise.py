@@ -411,6 +411,20 @@ def test_bwd_tile_plan_examples_and_errors():
         C.bwd_tile_plan(-1, 4, 8)
 
 
+def check_variant_switch(m):
+    """m.cuda_fast_path (a CUDA build of the extension, or the emulator build in test_cuda_sim.py) rejects values
+    outside base 0..3 + option bits 4 | 8 | 16, naming them, and sets and restores a valid one."""
+    prev = m.cuda_fast_path()
+    try:
+        for bad in (-2, 32, 1 | 32, 100):
+            with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
+                m.cuda_fast_path(bad)
+        assert m.cuda_fast_path(1 | 4 | 8 | 16) == prev and m.cuda_fast_path() == 1 | 4 | 8 | 16
+    finally:
+        m.cuda_fast_path(prev)
+    assert m.cuda_fast_path() == prev
+
+
 @needs_ext
 def test_cuda_fast_path_switch_checks_its_argument():
     C = rw.extension()
@@ -418,15 +432,7 @@ def test_cuda_fast_path_switch_checks_its_argument():
         with pytest.raises(RuntimeError, match="has no CUDA kernels"):
             C.cuda_fast_path(1)
         return
-    prev = C.cuda_fast_path()
-    try:
-        for bad in (-2, 32, 1 | 32, 100):
-            with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
-                C.cuda_fast_path(bad)
-        assert C.cuda_fast_path(1 | 4 | 8 | 16) == prev and C.cuda_fast_path() == 1 | 4 | 8 | 16
-    finally:
-        C.cuda_fast_path(prev)
-    assert C.cuda_fast_path() == prev
+    check_variant_switch(C)
 
 
 @pytest.mark.gpu

@@ -116,7 +116,7 @@ bool runnable(const Thread& t) { return !t.done && !(t.waiting && t.waiting->gen
 void run_block(BlockRun& r) {
   const int n = int(r.threads.size());
   for (;;) {
-    bool ran = false, pending = false;
+    bool ran = false, pending = false;  // pending: some thread has not exited (scanned after the round)
     for (int k = 0; k < n; ++k) {
       int i = k;
       if (g_order == kReverse) {
@@ -130,9 +130,7 @@ void run_block(BlockRun& r) {
         if (i < 0) break;
       }
       Thread& t = r.threads[i];
-      if (t.done) continue;
-      pending = true;
-      if (!runnable(t)) continue;  // still blocked
+      if (!runnable(t)) continue;  // exited or still blocked
       t.waiting = nullptr;
       r.cur = i;
       swapcontext(&r.sched, &t.ctx);
