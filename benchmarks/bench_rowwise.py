@@ -18,6 +18,10 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
       that fills it, no second kernel), cuda-tworows (two rows per pass in the LayerNorm backward),
       cuda-tworows-planned, cuda-all (every option bit); the "cuda" rows are the build's default
       (csrc/rowwise_fast.h kDefaultVariant; cuda-auto = 1, the automatic choice without option bits)
+
+The build's default is the tuned variant (1 | 32): each op measures its candidate variants on its first call per
+shape (in the warm-up here) and runs the fastest; the "cuda" rows' note says which it chose, with every candidate's
+median ms from that measurement (dumo_engine._C.cuda_tuned()).
 """
 from __future__ import annotations
 
@@ -131,6 +135,23 @@ def copy_bandwidth(device) -> float:
     return 2 * a.numel() * a.element_size() / (t.median_ms * 1e-3)
 
 
+# bench op -> (cuda_tuned()'s op, modulations): the tuned variant's records of that op
+TUNED_KEYS = {"ln_mod_fwd": ("ln_mod_fwd", 1), "ln_dual_fwd": ("ln_mod_fwd", 2), "ln_mod_jvp": ("ln_mod_jvp", 1),
+              "ln_mod_bwd": ("ln_mod_bwd", 1), "ln_dual_bwd": ("ln_mod_bwd", 2), "gated_bwd": ("gated_bwd", 1)}
+
+
+def tuned_note(op: str, N: int, T: int, D: int, tx: torch.dtype, tm: torch.dtype) -> str | None:
+    """What the tuned variant chose for this op and shape, with each candidate's median ms: "tuned 17 (1: 0.182,
+    2: 0.190, ...)" (cuda_fast_path variants, csrc/rowwise_fast.h); None when the tuned variant is off."""
+    C = rw.extension()
+    if op not in TUNED_KEYS or C is None or not C.with_cuda() or not C.cuda_fast_path() & 32:
+        return None
+    want = (*TUNED_KEYS[op], N, T, D, str(tx).split(".")[-1], str(tm).split(".")[-1])
+    notes = [f"tuned {r['variant']} (" + ", ".join(f"{v}: {ms:.3f}" for v, ms in zip(r["candidates"], r["ms"])) + ")"
+             for r in C.cuda_tuned() if (r["op"], r["nmod"], r["N"], r["T"], r["D"], r["tx"], r["tm"]) == want]
+    return "; ".join(notes) or None
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cpu", action="store_true", help="CPU: C++ twins vs PyTorch, fp32")
@@ -215,7 +236,8 @@ def main() -> None:
                         if key is not None and rw.last_impl().get(key) != impl:
                             print(f"[bench_rowwise] {op}: asked for {impl}, ran {rw.last_impl().get(key)}; skipped")
                             continue
-                        row(label, timed(fn), t_ref.median_ms)
+                        t = timed(fn)  # its warm-up also measures the tuned variant's candidates
+                        row(label, t, t_ref.median_ms, note=tuned_note(op, N, T, D, tx, tm) if impl == "cuda" else None)
                     finally:
                         if prev is not None:
                             rw.extension().cuda_fast_path(prev)

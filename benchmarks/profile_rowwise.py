@@ -8,9 +8,10 @@ registers, stalls, DRAM throughput) rather than how fast it is.
       python3 benchmarks/profile_rowwise.py --ops ln_mod_jvp --shape XL/2 --dtype bf16 --variant 1
 
 Each op runs --warmup times and then --repeat times inside an NVTX range named after it (nsys / ncu --nvtx).
---variant picks dumo_engine._C.cuda_fast_path (0 general kernels, 1 default, 2 / 3 fast path without / with the
+--variant picks dumo_engine._C.cuda_fast_path (0 general kernels, 1 automatic, 2 / 3 fast path without / with the
 next row's loads in flight; plus 4 for the JVP with four warps per row, 8 for backward tiles planned for the card,
-16 for two rows per pass in the LayerNorm backward). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
+16 for two rows per pass in the LayerNorm backward; 32, the build's tuned default, would add its measuring launches
+to the first call). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
 """
 from __future__ import annotations
 

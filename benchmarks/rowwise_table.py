@@ -1,6 +1,7 @@
 """Pivot bench_rowwise.py's JSONL rows into one line per (shape, op, dtype): each implementation's median ms and its
-share of the copy bandwidth, side by side, plus which CUDA variant was fastest. For reading a GPU run (gpu_suite.sh
-prints it) and for RESULTS.md.
+share of the copy bandwidth, side by side, plus which CUDA variant was fastest and, where the default "cuda" rows
+ran the tuned variant, what it chose (with its candidates' ms from that measurement). For reading a GPU run
+(gpu_suite.sh prints it) and for RESULTS.md.
 
   python benchmarks/rowwise_table.py OUT/rowwise.jsonl [--impls pytorch,torch.compile,cuda,cuda-wide,...]
 
@@ -32,7 +33,10 @@ def load(path: str) -> tuple[dict, list[str], dict]:
                 print(f"[rowwise_table] {path}:{n}: missing {sorted(missing)}; skipped", file=sys.stderr)
                 continue
             key = (r["shape"].split()[0], r["op"], r["dtype"])
-            cells.setdefault(key, {})[r["impl"]] = (r["timing"]["median_ms"], (r.get("extra") or {}).get("of_copy_bw"))
+            extra = r.get("extra") or {}
+            cells.setdefault(key, {})[r["impl"]] = (r["timing"]["median_ms"], extra.get("of_copy_bw"))
+            if r["impl"] == "cuda" and str(extra.get("note", "")).startswith("tuned"):
+                cells[key]["_tuned"] = extra["note"]
             if r["impl"] not in impls:
                 impls.append(r["impl"])
             meta = {k: r.get(k) for k in ("device", "date", "commit", "torch")}
@@ -40,7 +44,8 @@ def load(path: str) -> tuple[dict, list[str], dict]:
 
 
 def table(cells: dict, impls: list[str]) -> list[str]:
-    head = ["shape", "op", "dtype"] + impls + ["fastest CUDA"]
+    tuned = any("_tuned" in row for row in cells.values())
+    head = ["shape", "op", "dtype"] + impls + ["fastest CUDA"] + (["tuned choice (candidate: ms)"] if tuned else [])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in sorted(cells, key=lambda k: (k[0], k[2], k[1])):
         row = cells[key]
@@ -53,7 +58,7 @@ def table(cells: dict, impls: list[str]) -> list[str]:
             vals.append(f"{ms:.3f}" + (f" ({pct})" if pct else ""))
         cuda = {i: v[0] for i, v in row.items() if i.startswith("cuda")}
         best = min(cuda, key=cuda.get) if cuda else ""
-        out.append("| " + " | ".join(list(key) + vals + [best]) + " |")
+        out.append("| " + " | ".join(list(key) + vals + [best] + ([row.get("_tuned", "")] if tuned else [])) + " |")
     return out
 
 

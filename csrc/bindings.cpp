@@ -49,10 +49,25 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("h"));
   m.def("cuda_fast_path", guarded(&dumo::cuda_fast_path),
         "Select the CUDA kernels process-wide, returning the previous choice: a base choice 0 general kernels only, "
-        "1 fast path (default), 2 / 3 fast path never / always holding operands ahead of use, plus option bits 4 "
+        "1 fast path, 2 / 3 fast path never / always holding operands ahead of use, plus option bits 4 "
         "(the JVP with four warps per row), 8 (the backward's tiles planned for this GPU) and 16 (two rows per pass "
-        "in the LayerNorm backward); -1 only queries",
+        "in the LayerNorm backward), 32 (tuned: measure each op's candidate variants on its first call per shape, "
+        "dtypes and device, and run the fastest; the default, 1 | 32); -1 only queries",
         py::arg("variant") = -1);
+  m.def("cuda_tuned", guarded(+[]() -> py::list {
+    py::list out;
+    for (const auto& r : dumo::tuned_variants()) {
+      py::dict d;
+      d["op"] = r.op, d["nmod"] = r.nmod, d["N"] = r.N, d["T"] = r.T, d["D"] = r.D, d["tx"] = r.tx, d["tm"] = r.tm;
+      d["f32_out"] = r.f32_out, d["device"] = r.device, d["variant"] = r.variant;
+      d["candidates"] = r.candidates, d["ms"] = r.ms;
+      out.append(d);
+    }
+    return out;
+  }), "The tuned variant's measurements (cuda_fast_path bit 32): one dict per (op, shapes, dtypes, device) measured "
+     "in this process: the candidates, their median ms (CUDA events) and the variant that key runs");
+  m.def("cuda_tune_reset", guarded(&dumo::reset_tuned_variants),
+        "Forget the tuned variant's measurements (the next call of each key measures again); returns how many");
   m.def("bwd_tile_plan", guarded(&dumo::bwd_tile_plan),
         "[rows per block, tiles per sample] of the fast CUDA backward with planned tiles, for N samples of T rows on "
         "`slots` concurrently resident blocks (host arithmetic: also in CPU builds, for tests)",
@@ -68,6 +83,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "that deadlocks, 2 one whose thread throws (both raise)", py::arg("mode"));
   m.def("sim_order", guarded(&dumo_sim::set_order),
         "Emulator scheduling order: 0 forward, 1 reverse, 2 greedy low, 3 greedy high", py::arg("order"));
+  m.def("sim_kernel_cost", guarded(&dumo_sim::set_kernel_cost),
+        "Emulated milliseconds per launch of the kernel named '@offset' (what CUDA events measure; others cost "
+        "1 ms); an empty name clears them", py::arg("name"), py::arg("ms"));
+  m.def("sim_capturing", guarded(&dumo_sim::set_capturing),
+        "Whether cudaStreamIsCapturing reports a CUDA-graph capture in progress", py::arg("on"));
+  m.def("sim_event_failure", guarded(&dumo_sim::set_event_failure), "Whether cudaEventCreate fails",
+        py::arg("on"));
+  m.def("sim_capture_mode", guarded(&dumo_sim::capture_mode),
+        "The thread's stream-capture mode as cudaThreadExchangeStreamCaptureMode left it (0 global, 2 relaxed)");
   m.def("sim_launches", [] {
     py::list out;
     for (const auto& r : dumo_sim::take_log())

@@ -398,11 +398,36 @@ int cuda_fast_path(int variant) {
   DUMO_CHECK(variant == -1 || fast::valid_variant(variant),
              "dumo_engine._C.cuda_fast_path: variant must be -1 (query) or a base choice 0 (general kernels only), 1 "
              "(fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload), plus option bits 4 (wide "
-             "JVP), 8 (planned backward tiles) and 16 (two rows per pass in the LayerNorm backward); got ",
+             "JVP), 8 (planned backward tiles), 16 (two rows per pass in the LayerNorm backward) and 32 (measure "
+             "the candidates per shape and run the fastest); got ",
              variant);
   return set_cuda_fast_path(variant);
 #else
   DUMO_CHECK(false, "dumo_engine._C.cuda_fast_path: this build of dumo_engine._C has no CUDA kernels");
+  return 0;
+#endif
+}
+
+std::vector<TunedRow> tuned_variants() {
+#ifdef DUMO_WITH_CUDA
+  static const char* const kOps[] = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd"};
+  static const char* const kTypes[] = {"float32", "bfloat16", "float16"};
+  std::vector<TunedRow> out;
+  for (const TuneRecord& r : cuda_tuned())
+    out.push_back({kOps[int(r.op)], kTypes[int(r.tx)], kTypes[int(r.tm)], r.nmod, r.s.N, r.s.T, r.s.D, r.f32_out,
+                   r.device, r.variant, r.candidates, std::vector<double>(r.ms.begin(), r.ms.end())});
+  return out;
+#else
+  DUMO_CHECK(false, "dumo_engine._C.cuda_tuned: this build of dumo_engine._C has no CUDA kernels");
+  return {};
+#endif
+}
+
+int reset_tuned_variants() {
+#ifdef DUMO_WITH_CUDA
+  return cuda_tune_reset();
+#else
+  DUMO_CHECK(false, "dumo_engine._C.cuda_tune_reset: this build of dumo_engine._C has no CUDA kernels");
   return 0;
 #endif
 }

@@ -12,6 +12,7 @@
 // h, y, gy, gshift, ...); each of float32 / bfloat16 / float16. All math is float32.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace dumo {
 
@@ -68,11 +69,29 @@ int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const vo
                    const void* h, const void* h_dot, float* out_dot, Shape s, DType tm, void* stream);
 int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, void* gg,
                    float* partial, Shape s, DType tx, DType tm, void* stream);
-// Process-wide choice of CUDA kernels, for benchmarks and tests that cover every path: 0 = the general kernels
-// only, 1 = the fast path where it applies with its own register heuristics (the default), 2 / 3 = the fast path
-// never / always holding operands ahead of use (rowwise_fast.h). Returns the previous setting; other values only
+// Process-wide choice of CUDA kernels (rowwise_fast.h): a base choice 0 = the general kernels only, 1 = the fast
+// path where it applies with its own register heuristics, 2 / 3 = the fast path never / always holding operands
+// ahead of use, plus option bits (4 wide JVP, 8 planned backward tiles, 16 two rows per pass, 32 tuned: measure the
+// candidates per key and run the fastest; the default is 1 | 32). Returns the previous setting; invalid values only
 // read it.
 int set_cuda_fast_path(int variant);
+
+// The measurements of kTuned (rowwise_fast.h): one record per (op, shapes, dtypes, device) key measured in this
+// process, with the variant each later call of that key runs.
+enum class TunedOp : int { LnModFwd = 0, LnModJvp = 1, LnModBwd = 2, GatedBwd = 3 };
+struct TuneRecord {
+  TunedOp op;
+  int nmod;           // modulations (1, or 2 for the dual final layer); 1 for the gated op
+  Shape s;
+  DType tx, tm;
+  bool f32_out;       // ln_mod_jvp: y_dot in float32
+  int device;         // CUDA device ordinal
+  int variant;        // the choice
+  std::vector<int> candidates;
+  std::vector<float> ms;  // median time of each candidate (CUDA events), same order
+};
+std::vector<TuneRecord> cuda_tuned();
+int cuda_tune_reset();  // forgets every measurement (the next call of each key measures again); returns how many
 #endif
 
 // Float scratch the backward needs for `arrays` column-sum outputs (per-tile partial sums, reduced in a second

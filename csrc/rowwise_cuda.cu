@@ -13,7 +13,13 @@
 // Backward column sums (over the T rows of a sample) are accumulated per kBwdTileRows-row tile in registers, reduced over
 // blockDim.y in shared memory, written as fp32 partials and summed in a second small kernel in a fixed order:
 // deterministic, no atomics.
+#include <algorithm>
 #include <atomic>
+#include <initializer_list>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include <vector>
 
 #include "rowwise_device.cuh"
 #include "rowwise_fast.h"
@@ -412,15 +418,10 @@ unsigned flat_grid(int64_t total, int per) {
 
 }  // namespace
 
-int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
-                    float eps, DType tx, DType tm, void* stream) {
-  const int variant = g_variant.load();  // one read per call
+static int ln_mod_fwd_with(int variant, bool vec, const void* x, const Mod* mods, int nmod, void* const* ys,
+                           float* mean, float* rstd, Shape s, float eps, DType tx, DType tm, void* stream) {
   const int64_t R = s.N * s.T;
   if (R == 0) return 0;
-  bool vec = s.D % VEC == 0 && aligned16(x);
-  for (int k = 0; k < nmod; ++k)
-    vec = vec && aligned16(mods[k].shift) && aligned16(mods[k].scale) && aligned16(ys[k]) &&
-          mods[k].shift_stride % VEC == 0 && mods[k].scale_stride % VEC == 0;
   if (vec && fast_path(variant) && fast::applies(s.D, tx, tm))
     return fast::ln_mod_fwd(x, mods, nmod, ys, mean, rstd, s, eps, tx, tm, variant, stream);
   const Geo geo = geometry(s.D);
@@ -448,16 +449,12 @@ int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, f
   return finish();
 }
 
-int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const float* rstd, const void* scale,
-                    int64_t scale_stride, const void* shift_dot, int64_t shift_dot_stride, const void* scale_dot,
-                    int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm,
-                    void* stream) {
-  const int variant = g_variant.load();  // one read per call
+static int ln_mod_jvp_with(int variant, bool vec, const void* x, const float* x_dot, const float* mean,
+                           const float* rstd, const void* scale, int64_t scale_stride, const void* shift_dot,
+                           int64_t shift_dot_stride, const void* scale_dot, int64_t scale_dot_stride, void* y_dot,
+                           bool y_dot_f32, Shape s, DType tx, DType tm, void* stream) {
   const int64_t R = s.N * s.T;
   if (R == 0) return 0;
-  const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(x_dot) && aligned16(scale) && aligned16(shift_dot) &&
-                   aligned16(scale_dot) && aligned16(y_dot) && scale_stride % VEC == 0 &&
-                   shift_dot_stride % VEC == 0 && scale_dot_stride % VEC == 0;
   if (vec && fast_path(variant) && fast::applies(s.D, tx, tm))
     return fast::ln_mod_jvp(x, x_dot, mean, rstd, scale, scale_stride, shift_dot, shift_dot_stride, scale_dot,
                             scale_dot_stride, y_dot, y_dot_f32, s, tx, tm, variant, stream);
@@ -484,15 +481,11 @@ int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const 
   return finish();
 }
 
-int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, const float* rstd,
-                    const void* const* scales, const int64_t* scale_strides, int nmod, void* gx,
-                    void* const* gshifts, void* const* gscales, float* partial, Shape s, DType tx, DType tm,
-                    void* stream) {
-  const int variant = g_variant.load();  // one read per call
+static int ln_mod_bwd_with(int variant, bool vec, const void* const* gys, const void* x, const float* mean,
+                           const float* rstd, const void* const* scales, const int64_t* scale_strides, int nmod,
+                           void* gx, void* const* gshifts, void* const* gscales, float* partial, Shape s, DType tx,
+                           DType tm, void* stream) {
   if (s.N * s.D == 0) return 0;
-  bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(gx);
-  for (int k = 0; k < nmod; ++k)
-    vec = vec && aligned16(gys[k]) && aligned16(scales[k]) && scale_strides[k] % VEC == 0;
   const Geo geo = geometry(s.D);
   const int64_t n_tiles = ceil_div(s.T, kBwdTileRows);
   const dim3 grid(unsigned(s.N), unsigned(n_tiles));
@@ -588,12 +581,9 @@ int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const vo
   return finish();
 }
 
-int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, void* gg,
-                   float* partial, Shape s, DType tx, DType tm, void* stream) {
-  const int variant = g_variant.load();  // one read per call
+static int gated_bwd_with(int variant, bool vec, const void* gout, const void* g, int64_t g_stride, const void* h,
+                          void* gh, void* gg, float* partial, Shape s, DType tx, DType tm, void* stream) {
   if (s.N * s.D == 0) return 0;
-  const bool vec = s.D % VEC == 0 && aligned16(gout) && aligned16(g) && aligned16(h) && aligned16(gh) &&
-                   g_stride % VEC == 0;
   const Geo geo = geometry(s.D);
   const int64_t n_tiles = ceil_div(s.T, kBwdTileRows);
   const dim3 grid(unsigned(s.N), unsigned(n_tiles));
@@ -631,6 +621,209 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
     });
   });
   return check != 0 ? check : finish();
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// kTuned (rowwise_fast.h): measure each key's candidate variants once, run the fastest from then on.
+// ---------------------------------------------------------------------------------------------------------------
+namespace {
+
+constexpr int kTuneReps = 5;          // timed runs per candidate (interleaved over the candidates), median kept
+constexpr float kTuneMargin = 0.02f;  // a later candidate replaces the current best only when this much faster
+constexpr size_t kTuneMaxKeys = 4096;  // beyond this many keys, new keys run the fallback unmeasured
+
+// The candidates of each op: the variants that change its kernels (the fallback, i.e. the caller's bits without
+// kTuned, goes first; duplicates are dropped). The forward has only the base choices; the JVP the wide layout; the
+// LayerNorm backward preload x planned tiles, and two rows per pass (which ignores the preload choice) x planned
+// tiles; the gated backward planned tiles. The general kernels are a candidate everywhere.
+std::vector<int> tune_candidates(TunedOp op, int fallback) {
+  using namespace fast;
+  std::vector<int> c{fallback};
+  auto add = [&](std::initializer_list<int> vs) {
+    for (int v : vs)
+      if (std::find(c.begin(), c.end(), v) == c.end()) c.push_back(v);
+  };
+  switch (op) {
+    case TunedOp::LnModFwd: add({kNoPreload, kPreload, kGeneral}); break;
+    case TunedOp::LnModJvp: add({kAuto, kAuto | kWideJvp, kGeneral}); break;
+    case TunedOp::LnModBwd:
+      add({kNoPreload, kPreload, kNoPreload | kPlannedTiles, kPreload | kPlannedTiles, kAuto | kTwoRows,
+           kAuto | kTwoRows | kPlannedTiles, kGeneral});
+      break;
+    case TunedOp::GatedBwd: add({kAuto, kAuto | kPlannedTiles, kGeneral}); break;
+  }
+  return c;
+}
+
+// op, nmod, N, T, D, tx, tm, f32_out, device, fallback (the caller's bits: the candidates depend on them)
+using TuneKey = std::tuple<int, int, int64_t, int64_t, int64_t, int, int, bool, int, int>;
+
+std::mutex g_tune_mu;
+std::map<TuneKey, TuneRecord> g_tuned;
+
+// Events of one measurement, destroyed on every exit.
+struct Events {
+  std::vector<cudaEvent_t> ev;
+  ~Events() {
+    for (cudaEvent_t e : ev)
+      if (e) cudaEventDestroy(e);
+  }
+};
+
+// The calling thread's stream-capture mode set to relaxed for a scope (restored after): a measurement's event
+// synchronisation on a stream that is not being captured must not fail, nor invalidate, another thread's capture
+// in global mode (PyTorch's default).
+struct RelaxedCapture {
+  cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+  bool ok;
+  RelaxedCapture() : ok(cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess) {}
+  ~RelaxedCapture() {
+    if (ok) cudaThreadExchangeStreamCaptureMode(&mode);
+  }
+};
+
+// Runs `run(variant)` under the process-wide variant `variant`: directly without kTuned; with kTuned the key's
+// measured choice, measuring it first on this call if there is none (see rowwise_fast.h). `fast` says whether the
+// fast path applies to these operands (dtypes, D, alignment): where it does not, every variant runs the general
+// kernels and nothing is measured. A candidate whose launch fails is dropped from the measurement (its error was
+// read, and so cleared, by run); the call fails only when the fallback fails. Returns run's error.
+template <typename Run>
+int tuned_run(int variant, bool fast, TunedOp op, int nmod, Shape s, DType tx, DType tm, bool f32_out, void* stream,
+              Run&& run) {
+  if (!(variant & fast::kTuned)) return run(variant);
+  const int fallback = variant & ~fast::kTuned;
+  if (!fast || s.N * s.T == 0 || !fast_path(fallback)) return run(fallback);
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return run(fallback);
+  const TuneKey key{int(op), nmod, s.N, s.T, s.D, int(tx), int(tm), f32_out, device, fallback};
+  int chosen = -1;
+  {
+    std::lock_guard<std::mutex> lock(g_tune_mu);
+    const auto it = g_tuned.find(key);
+    if (it != g_tuned.end()) chosen = it->second.variant;
+    else if (g_tuned.size() >= kTuneMaxKeys) chosen = fallback;
+  }
+  if (chosen >= 0) return run(chosen);  // outside the lock: launches from other threads do not wait on it
+  auto st = static_cast<cudaStream_t>(stream);
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  if (cudaStreamIsCapturing(st, &capture) != cudaSuccess) {
+    cudaGetLastError();  // the failed query's error (not sticky), so the launch below reports only its own
+    return run(fallback);
+  }
+  if (capture != cudaStreamCaptureStatusNone) return run(fallback);  // no synchronisation inside a capture
+  const RelaxedCapture relaxed;
+  std::vector<int> cand = tune_candidates(op, fallback);
+  Events events;
+  events.ev.assign(2 * cand.size() * kTuneReps, nullptr);
+  for (auto& e : events.ev)
+    if (cudaEventCreate(&e) != cudaSuccess) {
+      e = nullptr;
+      cudaGetLastError();
+      return run(fallback);  // cannot time: unmeasured, and measured again next call
+    }
+  // warm-up (first launches, shared-memory opt-ins, per-kernel attribute reads); a failing candidate is dropped
+  std::vector<int> ok;
+  for (int v : cand) {
+    const int r = run(v);
+    if (r == 0) ok.push_back(v);
+    else if (v == fallback) return r;
+  }
+  cand = ok;
+  const size_t nc = cand.size();
+  for (int rep = 0; rep < kTuneReps; ++rep)
+    for (size_t c = 0; c < nc; ++c) {
+      cudaEvent_t* e = &events.ev[2 * (rep * nc + c)];
+      if (cudaError_t r = cudaEventRecord(e[0], st)) return int(r);
+      if (const int r = run(cand[c])) return r;
+      if (cudaError_t r = cudaEventRecord(e[1], st)) return int(r);
+    }
+  if (cudaError_t r = cudaEventSynchronize(events.ev[2 * (kTuneReps * nc - 1) + 1])) return int(r);
+  TuneRecord rec{op, nmod, s, tx, tm, f32_out, device, cand[0], cand, std::vector<float>(nc, 0.f)};
+  for (size_t c = 0; c < nc; ++c) {
+    float t[kTuneReps];
+    for (int rep = 0; rep < kTuneReps; ++rep) {
+      const cudaEvent_t* e = &events.ev[2 * (rep * nc + c)];
+      if (cudaError_t r = cudaEventElapsedTime(&t[rep], e[0], e[1])) return int(r);
+    }
+    std::sort(t, t + kTuneReps);
+    rec.ms[c] = t[kTuneReps / 2];
+  }
+  size_t best = 0;
+  for (size_t c = 1; c < nc; ++c)
+    if (rec.ms[c] < rec.ms[best] * (1.f - kTuneMargin)) best = c;
+  rec.variant = cand[best];
+  {
+    std::lock_guard<std::mutex> lock(g_tune_mu);
+    chosen = g_tuned.emplace(key, rec).first->second.variant;  // a concurrent measurement of this key: first wins
+  }
+  return run(chosen);  // the outputs of this call: the key's choice, as every later call's
+}
+
+}  // namespace
+
+int ln_mod_fwd_cuda(const void* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s,
+                    float eps, DType tx, DType tm, void* stream) {
+  bool vec = s.D % VEC == 0 && aligned16(x);
+  for (int k = 0; k < nmod; ++k)
+    vec = vec && aligned16(mods[k].shift) && aligned16(mods[k].scale) && aligned16(ys[k]) &&
+          mods[k].shift_stride % VEC == 0 && mods[k].scale_stride % VEC == 0;
+  const bool fast = vec && fast::applies(s.D, tx, tm);
+  return tuned_run(g_variant.load(), fast, TunedOp::LnModFwd, nmod, s, tx, tm, false, stream, [&](int v) {
+    return ln_mod_fwd_with(v, vec, x, mods, nmod, ys, mean, rstd, s, eps, tx, tm, stream);
+  });
+}
+
+int ln_mod_jvp_cuda(const void* x, const float* x_dot, const float* mean, const float* rstd, const void* scale,
+                    int64_t scale_stride, const void* shift_dot, int64_t shift_dot_stride, const void* scale_dot,
+                    int64_t scale_dot_stride, void* y_dot, bool y_dot_f32, Shape s, DType tx, DType tm,
+                    void* stream) {
+  const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(x_dot) && aligned16(scale) && aligned16(shift_dot) &&
+                   aligned16(scale_dot) && aligned16(y_dot) && scale_stride % VEC == 0 &&
+                   shift_dot_stride % VEC == 0 && scale_dot_stride % VEC == 0;
+  const bool fast = vec && fast::applies(s.D, tx, tm);
+  return tuned_run(g_variant.load(), fast, TunedOp::LnModJvp, 1, s, tx, tm, y_dot_f32, stream, [&](int v) {
+    return ln_mod_jvp_with(v, vec, x, x_dot, mean, rstd, scale, scale_stride, shift_dot, shift_dot_stride, scale_dot,
+                           scale_dot_stride, y_dot, y_dot_f32, s, tx, tm, stream);
+  });
+}
+
+int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, const float* rstd,
+                    const void* const* scales, const int64_t* scale_strides, int nmod, void* gx,
+                    void* const* gshifts, void* const* gscales, float* partial, Shape s, DType tx, DType tm,
+                    void* stream) {
+  bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(gx);
+  for (int k = 0; k < nmod; ++k)
+    vec = vec && aligned16(gys[k]) && aligned16(scales[k]) && scale_strides[k] % VEC == 0;
+  const bool fast = vec && fast::applies(s.D, tx, tm);
+  return tuned_run(g_variant.load(), fast, TunedOp::LnModBwd, nmod, s, tx, tm, false, stream, [&](int v) {
+    return ln_mod_bwd_with(v, vec, gys, x, mean, rstd, scales, scale_strides, nmod, gx, gshifts, gscales, partial, s,
+                           tx, tm, stream);
+  });
+}
+
+int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void* h, void* gh, void* gg,
+                   float* partial, Shape s, DType tx, DType tm, void* stream) {
+  const bool vec = s.D % VEC == 0 && aligned16(gout) && aligned16(g) && aligned16(h) && aligned16(gh) &&
+                   g_stride % VEC == 0;
+  const bool fast = vec && fast::applies(s.D, tx, tm);
+  return tuned_run(g_variant.load(), fast, TunedOp::GatedBwd, 1, s, tx, tm, false, stream, [&](int v) {
+    return gated_bwd_with(v, vec, gout, g, g_stride, h, gh, gg, partial, s, tx, tm, stream);
+  });
+}
+
+std::vector<TuneRecord> cuda_tuned() {
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  std::vector<TuneRecord> out;
+  out.reserve(g_tuned.size());
+  for (const auto& kv : g_tuned) out.push_back(kv.second);
+  return out;
+}
+
+int cuda_tune_reset() {
+  std::lock_guard<std::mutex> lock(g_tune_mu);
+  const int n = int(g_tuned.size());
+  g_tuned.clear();
+  return n;
 }
 
 int set_cuda_fast_path(int variant) {

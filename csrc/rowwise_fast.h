@@ -29,7 +29,7 @@ constexpr int kBwdSlots = 4;  // backward: rows in flight per block, a warp pair
 
 // Variants of the fast path (set_cuda_fast_path's argument: a base choice in the low two bits, option bits above;
 // 0 = the general kernels only). kPreload: the forward and the LayerNorm backward issue the next row's loads before
-// this row's reductions (two rows of operands in registers); kNoPreload: one row at a time; kAuto (the default): the
+// this row's reductions (two rows of operands in registers); kNoPreload: one row at a time; kAuto: the
 // first where the compiled kernel spills at most kSpillSlack bytes, else the second. The JVP and the gated backward
 // have one register layout each (measured: holding more in registers did not pay). Benchmarks and tests run every
 // variant.
@@ -44,9 +44,18 @@ constexpr int kBaseMask = 3;
 //     column sums; two rows of operands in registers instead of the next row's, so the base's preload choice does
 //     not apply), in the kernels that ptxas fits in registers (spills at most kSpillSlack bytes; else the base).
 constexpr int kWideJvp = 4, kPlannedTiles = 8, kTwoRows = 16;
-constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows;
-// The process-wide default (set_cuda_fast_path changes it): the choice measured best (benchmarks/RESULTS.md).
-constexpr int kDefaultVariant = kAuto;
+// kTuned: measure instead of guessing. The first call of an op with the fast path for a (shapes, dtypes, device)
+// times that op's candidate variants (tune_candidates in rowwise_cuda.cu: the general kernels, the base choices
+// and the option bits that change its kernels) with CUDA events on its own stream and its own operands, and every
+// later call with that key runs the fastest (cuda_tuned() lists the choices). With base kGeneral, or operands the
+// fast path does not take, nothing is measured. The other bits are the choice where it cannot measure: while the
+// stream is being captured into a CUDA graph before the key was measured, or once kTuneMaxKeys keys are cached. The
+// outputs of the measuring call are those of the chosen variant (it runs last), so every call with a key gives the
+// same bits. `vec` of the launchers: whether the operands are 16-byte aligned with strides that keep them so.
+constexpr int kTuned = 32;
+constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows | kTuned;
+// The process-wide default (set_cuda_fast_path changes it): measured per key where possible, else kAuto.
+constexpr int kDefaultVariant = kAuto | kTuned;
 inline bool valid_variant(int v) { return v >= 0 && (v & ~(kBaseMask | kOptionMask)) == 0; }
 
 // Whether a kernel runs with the next row's loads in flight, given whether that compiled kernel spills at most

@@ -9,6 +9,7 @@ CI sets DUMO_REQUIRE_CUDA_SIM=1: there a failed emulator build fails instead of 
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ import torch
 from dumo_engine.ops import rowwise as rw
 
 import cuda_sim_build
-from test_rowwise import check_variant_switch, inputs, rnd
+from test_rowwise import TUNED, check_tuned, check_variant_switch, inputs, rnd
 
 C = rw.extension()
 
@@ -325,3 +326,164 @@ def test_each_variant_runs_its_kernels(sim):
         assert kernels(ran(1, (2, 9, 1152), "bwd"))[0].startswith("ln_mod_bwd_pair<")  # 55 KiB fits
     finally:
         sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+
+
+def test_tuned_variant_matches_its_choice(sim):
+    """The tuned variant (the default) on the emulator: each key measured once, the choice one of its candidates,
+    the tuned ops bit-identical to a repeat and to the chosen variant run explicitly (check_tuned; every variant
+    matches the CPU twin at these shapes and dtypes in test_cuda_path_matches_cpu_twin)."""
+    sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+    assert (F32, BF16) in dict(FAST)[2, 70, 384] and (BF16, BF16) in dict(FAST)[2, 9, 1152]
+    check_tuned(sim, "cpu", [((2, 70, 384), (F32, BF16)), ((2, 9, 1152), (BF16, BF16))])
+
+
+def _record(sim, op):
+    """The tuned variant's (first) record of op."""
+    return next(r for r in sim.cuda_tuned() if r["op"] == op)
+
+
+def _offset(names, kernel):
+    """The emulator's name ('@offset') of the one kernel whose demangled name starts with `kernel`."""
+    hits = [off for off, name in names.items() if re.search(r"(^|\W)" + re.escape(kernel) + r"\(", name)]
+    assert len(hits) == 1, (kernel, [names[h] for h in hits])
+    return f"@{hits[0]}"
+
+
+def test_tuned_variant_runs_the_fastest_candidate(sim):
+    """The measurement decides: with emulated launch costs (what CUDA events read in the emulator: 1 ms per launch
+    unless set), a key runs the candidate whose launches cost least -- the wide JVP when its kernel is cheap, the
+    two-row dual backward when that kernel is, planned tiles where a sample per block saves the column-sum launch --
+    and the automatic choice (first) on a tie. The measuring call launches every candidate 1 + 5 times and the choice
+    once more, last; later calls launch only the choice. A later candidate replaces the best so far only when 2%
+    faster. While a CUDA graph is being captured, or when events cannot be created, an unmeasured key runs the
+    automatic choice unmeasured (leaving no error behind); a measured one keeps its choice. Operands the fast path
+    does not take (unaligned) are not measured; the caller's bits are part of the key."""
+    names = _kernel_names(sim)
+    wide = _offset(names, "ln_mod_jvp_wide<float, __nv_bfloat16, float, 1>")
+    warp = _offset(names, "ln_mod_jvp_warp<float, __nv_bfloat16, float, 2>")
+    two = _offset(names, "ln_mod_bwd_pair2<float, __nv_bfloat16, 1, 2>")
+    sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)  # a new device: no keys
+    prev = sim.cuda_fast_path(TUNED)
+    try:
+        sim.cuda_tune_reset()
+        d = operands((2, 70, 384), F32, BF16)
+        sv, cv, su, cu, g = d["mods"][:5]
+        dsv, dcv = d["mods_dot"][:2]
+        _, mean, rstd = sim.ln_mod_fwd(d["x"], [sv], [cv], 1e-6)
+        rec = {(r["op"], r["nmod"]): r for r in sim.cuda_tuned()}
+        assert rec["ln_mod_fwd", 1]["candidates"] == [1, 2, 3, 0] and rec["ln_mod_fwd", 1]["variant"] == 1
+        assert rec["ln_mod_fwd", 1]["ms"] == [1.0] * 4  # a tie: the automatic choice stays
+
+        def jvp():
+            return sim.ln_mod_jvp(d["x"], d["x_dot"], mean, rstd, cv, dsv, dcv, True)
+
+        sim.sim_kernel_cost(wide, 0.25)
+        sim.sim_launches()
+        first = jvp()
+        launched = [k for k, *_ in sim.sim_launches()]
+        assert launched.count(wide) == 1 + 5 + 1 and launched.count(warp) == 1 + 5 and len(launched) == 3 * 6 + 1
+        assert launched[-1] == wide and sim.sim_capture_mode() == 0  # the choice ran last; capture mode restored
+        r = _record(sim, "ln_mod_jvp")
+        assert r["candidates"] == [1, 1 | 4, 0] and r["ms"] == [1.0, 0.25, 1.0] and r["variant"] == 1 | 4
+        again = jvp()
+        assert [k for k, *_ in sim.sim_launches()] == [wide] and torch.equal(first, again)
+        close("jvp", first, C.ln_mod_jvp(d["x"], d["x_dot"], mean, rstd, cv, dsv, dcv, True))
+
+        sim.sim_capturing(True)  # a measured key keeps its choice during a capture ...
+        jvp()
+        assert [k for k, *_ in sim.sim_launches()] == [wide]
+        sim.cuda_tune_reset()  # ... an unmeasured one runs the automatic choice, and stays unmeasured
+        jvp()
+        assert [k for k, *_ in sim.sim_launches()] == [warp] and sim.cuda_tuned() == []
+        sim.sim_capturing(False)
+        sim.sim_kernel_cost(warp, 0.5)  # now the one-warp kernel is cheaper than the general one, the wide dearer
+        sim.sim_kernel_cost(wide, 2.0)
+        jvp()
+        assert [r["variant"] for r in sim.cuda_tuned() if r["op"] == "ln_mod_jvp"] == [1]
+        sim.sim_kernel_cost(warp, 1.0)  # a later candidate must be 2% faster than the best so far to replace it
+        for cost, want in ((0.99, 1), (0.97, 1 | 4)):
+            sim.cuda_tune_reset()
+            sim.sim_kernel_cost(wide, cost)
+            jvp()
+            assert _record(sim, "ln_mod_jvp")["variant"] == want, (cost, want)
+        sim.cuda_tune_reset()
+        sim.sim_event_failure(True)  # no events: the automatic choice, unmeasured, and no error left behind
+        try:
+            sim.sim_launches()
+            jvp()
+            assert [k for k, *_ in sim.sim_launches()] == [warp] and sim.cuda_tuned() == []
+            sim.gated_fwd(d["x"], g, d["h"])  # the next op's launch check finds no stale error
+        finally:
+            sim.sim_event_failure(False)
+        flat = torch.randn(d["x"].numel() + 1)  # x not 16-byte aligned: no fast path, nothing measured
+        xu = flat[1:].view(d["x"].shape).copy_(d["x"])
+        sim.ln_mod_jvp(xu, d["x_dot"], mean, rstd, cv, dsv, dcv, True)
+        assert sim.cuda_tuned() == []
+        jvp()
+        prev2 = sim.cuda_fast_path(2 | 32)  # the caller's bits are part of the key: another measurement
+        try:
+            jvp()
+        finally:
+            sim.cuda_fast_path(prev2)
+        assert sorted(r["candidates"][0] for r in sim.cuda_tuned() if r["op"] == "ln_mod_jvp") == [1, 2]
+
+        sim.sim_kernel_cost(two, 0.25)  # the dual backward (2 tiles per sample + column sums): two rows per pass
+        _, mean2, rstd2 = sim.ln_mod_fwd(d["x"], [sv, su], [cv, cu], 1e-6)[1:]
+        sim.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean2, rstd2, [cv, cu])
+        r = _record(sim, "ln_mod_bwd")
+        assert r["candidates"] == [1, 2, 3, 2 | 8, 3 | 8, 1 | 16, 1 | 8 | 16, 0], r
+        assert r["ms"] == [2.0, 2.0, 2.0, 2.0, 2.0, 1.25, 1.25, 2.0] and r["variant"] == 1 | 16, r  # tie: first
+        sim.sim_launches()
+        sim.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean2, rstd2, [cv, cu])
+        assert sim.sim_launches()[0][0] == two
+
+        sim.sim_kernel_cost("", 0)  # every launch 1 ms again: at N = 8, T = 130 on 8 slots planned tiles put a
+        e = operands((8, 130, 64), F32, BF16)  # sample per block and save the column-sum launch
+        sim.gated_bwd(e["gout"], e["mods"][4], e["h"])
+        r = _record(sim, "gated_bwd")
+        assert r["candidates"] == [1, 1 | 8, 0] and r["ms"] == [2.0, 1.0, 2.0] and r["variant"] == 1 | 8, r
+    finally:
+        sim.sim_capturing(False)
+        sim.sim_event_failure(False)
+        sim.sim_kernel_cost("", 0)
+        sim.cuda_tune_reset()
+        sim.cuda_fast_path(prev)
+
+
+def test_bench_notes_the_tuned_choice(sim, monkeypatch, tmp_path):
+    """bench_rowwise's "cuda" rows carry what the tuned variant chose for that op and shape, from cuda_tuned()'s
+    records (here the emulator's), and rowwise_table.py shows it beside the timings."""
+    bench_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    monkeypatch.syspath_prepend(bench_dir)
+    import bench_rowwise
+    import rowwise_table
+
+    monkeypatch.setattr(bench_rowwise.rw, "extension", lambda: sim)
+    prev = sim.cuda_fast_path(TUNED)
+    try:
+        sim.cuda_tune_reset()
+        d = operands((2, 70, 384), F32, BF16)
+        sv, cv, su, cu = d["mods"][:4]
+        _, mean, rstd = sim.ln_mod_fwd(d["x"], [sv, su], [cv, cu], 1e-6)[1:]
+        sim.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean, rstd, [cv, cu])
+        rec = _record(sim, "ln_mod_bwd")
+        note = bench_rowwise.tuned_note("ln_dual_bwd", 2, 70, 384, F32, BF16)
+        assert note == f"tuned {rec['variant']} (" + ", ".join(
+            f"{v}: {ms:.3f}" for v, ms in zip(rec["candidates"], rec["ms"])) + ")"
+        assert bench_rowwise.tuned_note("ln_mod_bwd", 2, 70, 384, F32, BF16) is None  # one modulation: not run
+        assert bench_rowwise.tuned_note("ln_dual_bwd", 2, 70, 384, BF16, BF16) is None  # other dtypes
+        assert bench_rowwise.tuned_note("gated_fwd", 2, 70, 384, F32, BF16) is None  # no variants
+        sim.cuda_fast_path(1)
+        assert bench_rowwise.tuned_note("ln_dual_bwd", 2, 70, 384, F32, BF16) is None  # tuning off
+    finally:
+        sim.cuda_tune_reset()
+        sim.cuda_fast_path(prev)
+    row = {"shape": "XL/2 N2 T70 D384", "op": "ln_dual_bwd", "dtype": "fp32+bf16", "timing": {"median_ms": 0.25}}
+    path = tmp_path / "rows.jsonl"
+    with open(path, "w") as f:
+        f.write(json.dumps({**row, "impl": "cuda", "extra": {"note": note, "of_copy_bw": "80%"}}) + "\n")
+        f.write(json.dumps({**row, "impl": "cuda-general", "timing": {"median_ms": 0.5}}) + "\n")
+    cells, impls, _ = rowwise_table.load(str(path))
+    lines = rowwise_table.table(cells, impls)
+    assert lines[0].endswith("| fastest CUDA | tuned choice (candidate: ms) |")
+    assert lines[2] == f"| XL/2 | ln_dual_bwd | fp32+bf16 | 0.250 (80%) | 0.500 | cuda | {note} |"

@@ -23,10 +23,11 @@ needs_ext = pytest.mark.skipif(not HAS_EXT, reason=f"C++ extension not built: {r
 
 CASES = [("cpp", "cpu")]
 # The CUDA kernels run under each process-wide kernel choice of dumo_engine._C.cuda_fast_path: the default (-1:
-# left as built, csrc/rowwise_fast.h kDefaultVariant), the general kernels only, the fast path without and with the
-# next row's loads in flight, and the option bits (4: the JVP with four warps per row; 8: backward tiles planned for
-# the card; 16: two rows per pass in the LayerNorm backward) (csrc/rowwise_fast.h).
-CUDA_VARIANTS = {"cuda": -1, "cuda-general": 0, "cuda-nopreload": 2, "cuda-preload": 3,
+# left as built, csrc/rowwise_fast.h kDefaultVariant: the tuned variant, 1 | 32, which measures each shape's
+# candidates on its first call), the general kernels only, the automatic fast path unmeasured (1), without and with
+# the next row's loads in flight, and the option bits (4: the JVP with four warps per row; 8: backward tiles planned
+# for the card; 16: two rows per pass in the LayerNorm backward) (csrc/rowwise_fast.h).
+CUDA_VARIANTS = {"cuda": -1, "cuda-general": 0, "cuda-auto": 1, "cuda-nopreload": 2, "cuda-preload": 3,
                  "cuda-nopreload-wide-planned": 2 | 4 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16}
 if HAS_CUDA:
     CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
@@ -413,16 +414,76 @@ def test_bwd_tile_plan_examples_and_errors():
 
 def check_variant_switch(m):
     """m.cuda_fast_path (a CUDA build of the extension, or the emulator build in test_cuda_sim.py) rejects values
-    outside base 0..3 + option bits 4 | 8 | 16, naming them, and sets and restores a valid one."""
+    outside base 0..3 + option bits 4 | 8 | 16 | 32, naming them, and sets and restores a valid one; the build's
+    default is the tuned variant (1 | 32) unless a test changed it."""
     prev = m.cuda_fast_path()
     try:
-        for bad in (-2, 32, 1 | 32, 100):
+        for bad in (-2, 64, 1 | 64, 100):
             with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
                 m.cuda_fast_path(bad)
-        assert m.cuda_fast_path(1 | 4 | 8 | 16) == prev and m.cuda_fast_path() == 1 | 4 | 8 | 16
+        assert m.cuda_fast_path(1 | 4 | 8 | 16 | 32) == prev and m.cuda_fast_path() == 1 | 4 | 8 | 16 | 32
     finally:
         m.cuda_fast_path(prev)
     assert m.cuda_fast_path() == prev
+
+
+TUNED = 1 | 32  # cuda_fast_path: the automatic fast path, measured per key (csrc/rowwise_fast.h kTuned)
+TUNED_OPS = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd"}
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def tuned_ops(m, d, key=None):
+    """The ops the tuned variant measures, on operands d (inputs()), keyed like cuda_tuned()'s records: (op, nmod,
+    f32_out) -> outputs; `key` runs only that one (the JVP and backward on the statistics in d["stats"])."""
+    sv, cv, su, cu, g, _ = d["mods"]
+    dsv, dcv = d["mods_dot"][:2]
+    out = {}
+    for nmod, (sh, sc) in ((1, ([sv], [cv])), (2, ([sv, su], [cv, cu]))):
+        if key in (None, ("ln_mod_fwd", nmod, False)):
+            out["ln_mod_fwd", nmod, False] = m.ln_mod_fwd(d["x"], sh, sc, 1e-6)
+    if key is None:  # the statistics the JVP and backward read, as tuned
+        d["stats"] = {nmod: out["ln_mod_fwd", nmod, False][-2:] for nmod in (1, 2)}
+    mean, rstd = d["stats"][1]
+    for f32 in (True, False):
+        if key in (None, ("ln_mod_jvp", 1, f32)):
+            out["ln_mod_jvp", 1, f32] = [m.ln_mod_jvp(d["x"], d["x_dot"], mean, rstd, cv, dsv, dcv, f32)]
+    for nmod, (gys, sc) in ((1, ([d["gy"]], [cv])), (2, ([d["gy"], d["gy2"]], [cv, cu]))):
+        if key in (None, ("ln_mod_bwd", nmod, False)):
+            out["ln_mod_bwd", nmod, False] = m.ln_mod_bwd(gys, d["x"], *d["stats"][nmod], sc)
+    if key in (None, ("gated_bwd", 1, False)):
+        out["gated_bwd", 1, False] = m.gated_bwd(d["gy"].to(d["x"].dtype), g, d["h"])
+    return out
+
+
+def check_tuned(m, device, cases):
+    """The tuned variant (m: a CUDA build, or the emulator build in test_cuda_sim.py) on each (shape, (tx, tm)):
+    the first call of each key measures its candidates (cuda_tuned() then holds a record per key: the candidates,
+    the automatic choice first, their median times, the choice among them); a second call gives the same bits, and
+    so does each op run explicitly under the variant chosen for it. Which variant wins is the card's business: the
+    test checks that the choice is one of the measured candidates and that the tuned op is that variant's op."""
+    prev = m.cuda_fast_path(TUNED)
+    try:
+        m.cuda_tune_reset()
+        for shape, (tx, tm) in cases:
+            d = inputs(shape, tx, tm, device, seed=3)
+            first = tuned_ops(m, d)
+            again = tuned_ops(m, d)
+            recs = [r for r in m.cuda_tuned() if (r["N"], r["T"], r["D"], r["tx"], r["tm"]) ==
+                    (*shape, DTYPE_NAMES[tx], DTYPE_NAMES[tm])]
+            assert {(r["op"], r["nmod"], r["f32_out"]) for r in recs} == set(first), recs
+            for r in recs:
+                assert r["candidates"][0] == 1 and r["variant"] in r["candidates"], r
+                assert len(r["ms"]) == len(r["candidates"]) and all(0 < t < 1e4 for t in r["ms"]), r
+            for r in recs:
+                key = (r["op"], r["nmod"], r["f32_out"])
+                m.cuda_fast_path(r["variant"])
+                chosen = tuned_ops(m, d, key)[key]
+                m.cuda_fast_path(TUNED)
+                for a, b, c in zip(first[key], again[key], chosen):
+                    assert torch.equal(a, b) and torch.equal(a, c), (key, r["variant"])
+        assert m.cuda_tune_reset() >= len(TUNED_OPS) and m.cuda_tuned() == []
+    finally:
+        m.cuda_fast_path(prev)
 
 
 @needs_ext
@@ -433,6 +494,16 @@ def test_cuda_fast_path_switch_checks_its_argument():
             C.cuda_fast_path(1)
         return
     check_variant_switch(C)
+
+
+@pytest.mark.gpu
+def test_tuned_variant_runs_its_choice_on_cuda():
+    """The tuned default on the GPU: a record per measured key, the choice among the candidates, and the tuned ops
+    bit-identical to a repeat and to the chosen variant run explicitly (check_tuned)."""
+    _skip_unavailable("cuda")
+    check_tuned(rw.extension(), "cuda", [((2, 70, 384), (torch.float32, torch.bfloat16)),
+                                         ((4, 256, 1152), (torch.bfloat16, torch.bfloat16)),
+                                         ((3, 5, 768), (torch.float32, torch.float32))])
 
 
 @pytest.mark.gpu

@@ -12,6 +12,10 @@
 #include <stdexcept>
 #include <vector>
 
+struct CUevent_st {  // the runtime's opaque event, emulated: the clock reading of its last record (-1: none)
+  double ms;
+};
+
 namespace dumo_sim {
 
 Props& props() {
@@ -68,6 +72,11 @@ std::vector<char> g_smem;
 cudaError_t g_error = cudaSuccess;
 std::map<const void*, int> g_optin;  // cudaFuncSetAttribute(MaxDynamicSharedMemorySize) per kernel
 std::vector<LaunchRecord> g_log;
+std::map<std::string, double> g_cost;  // kernel_name -> emulated milliseconds per launch (set_kernel_cost)
+double g_clock_ms = 0.0;               // advanced by each launch: what cudaEventRecord reads
+bool g_capturing = false;              // what cudaStreamIsCapturing says (set_capturing)
+bool g_fail_events = false;            // cudaEventCreate fails (set_event_failure)
+cudaStreamCaptureMode g_capture_mode = cudaStreamCaptureModeGlobal;  // this (only) thread's, as in CUDA
 constexpr size_t kCanary = 64;      // bytes past the dynamic shared memory that must stay untouched
 constexpr char kPoison = char(0xff);  // every float / half / bf16 made of these bytes is a NaN
 
@@ -214,6 +223,10 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
                                "kernel's cudaFuncAttributeMaxDynamicSharedMemorySize opt-in");
   }
   g_log.push_back({kernel, grid, block, smem});
+  if (kernel) {  // the emulated clock that events read: a set cost per kernel, else kDefaultCostMs per launch
+    const auto it = g_cost.find(kernel_name(kernel));
+    g_clock_ms += it != g_cost.end() ? it->second : kDefaultCostMs;
+  }
   g_grid_dim = grid;
   g_block_dim = block;
   BlockRun r;
@@ -280,6 +293,18 @@ std::string kernel_name(const void* kernel) {
   if (!dladdr(kernel, &info) || !info.dli_fbase) return "?";
   return "@" + std::to_string(reinterpret_cast<uintptr_t>(kernel) - reinterpret_cast<uintptr_t>(info.dli_fbase));
 }
+
+void set_kernel_cost(const std::string& name, double ms) {
+  if (!(ms >= 0.0)) throw std::runtime_error("dumo_sim.set_kernel_cost: ms must be >= 0");
+  if (name.empty()) g_cost.clear();
+  else g_cost[name] = ms;
+}
+
+void set_capturing(bool on) { g_capturing = on; }
+
+void set_event_failure(bool on) { g_fail_events = on; }
+
+int capture_mode() { return int(g_capture_mode); }
 
 int selftest(int mode) {
   std::vector<float> out(128, -1.f);
@@ -368,6 +393,47 @@ cudaError_t cudaFuncGetAttributes(struct cudaFuncAttributes* attr, const void* /
 cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, const void* /*func*/, int /*block*/,
                                                           size_t /*smem*/) {
   *num_blocks = dumo_sim::props().blocks_per_sm;
+  return cudaSuccess;
+}
+
+// Events read the emulated clock (launch costs, see run_grid): elapsed time between two records is the sum of the
+// costs of the launches between them.
+cudaError_t cudaEventCreate(cudaEvent_t* event) {
+  if (dumo_sim::g_fail_events) return dumo_sim::g_error = cudaErrorMemoryAllocation;
+  *event = new CUevent_st{-1.0};
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventRecord(cudaEvent_t event, cudaStream_t /*stream*/) {
+  if (!event) return dumo_sim::g_error = cudaErrorInvalidResourceHandle;
+  event->ms = dumo_sim::g_clock_ms;
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventSynchronize(cudaEvent_t event) {
+  return event ? cudaSuccess : (dumo_sim::g_error = cudaErrorInvalidResourceHandle);
+}
+
+cudaError_t cudaEventElapsedTime(float* ms, cudaEvent_t start, cudaEvent_t end) {
+  if (!start || !end) return dumo_sim::g_error = cudaErrorInvalidResourceHandle;
+  if (start->ms < 0 || end->ms < 0) return dumo_sim::g_error = cudaErrorInvalidResourceHandle;  // never recorded
+  *ms = float(end->ms - start->ms);
+  return cudaSuccess;
+}
+
+cudaError_t cudaEventDestroy(cudaEvent_t event) {
+  if (!event) return dumo_sim::g_error = cudaErrorInvalidResourceHandle;
+  delete event;
+  return cudaSuccess;
+}
+
+cudaError_t cudaThreadExchangeStreamCaptureMode(enum cudaStreamCaptureMode* mode) {
+  std::swap(*mode, dumo_sim::g_capture_mode);
+  return cudaSuccess;
+}
+
+cudaError_t cudaStreamIsCapturing(cudaStream_t /*stream*/, enum cudaStreamCaptureStatus* status) {
+  *status = dumo_sim::g_capturing ? cudaStreamCaptureStatusActive : cudaStreamCaptureStatusNone;
   return cudaSuccess;
 }
 

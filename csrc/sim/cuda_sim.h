@@ -13,11 +13,14 @@
 // statics (one block at a time shares them; not poisoned: the kernels write them before reading), dynamic shared
 // memory is one buffer refilled with NaN bytes per block, with a canary past its end. 16-byte accesses are checked
 // for alignment (DUMO_ALIGNED16), launches for their configuration and shared-memory opt-in, and every launch is
-// logged (take_log) so tests can check which kernels a call ran. The CUDA runtime calls the launchers make are emulated with the
-// device properties set by configure(): multiprocessor count, resident blocks per SM, opt-in shared memory, spilled
-// bytes. Each configure() presents a new device ordinal, so the launchers' per-device caches (resident blocks) see
-// a different card; their per-kernel caches (spills, read once per process) do not change: a test of the spill
-// heuristic configures before the first launch, in a fresh process.
+// logged (take_log) so tests can check which kernels a call ran. The CUDA runtime calls the launchers make are
+// emulated with the device properties set by configure(): multiprocessor count, resident blocks per SM, opt-in
+// shared memory, spilled bytes. CUDA events read an emulated clock that each launch advances by its kernel's cost
+// (set_kernel_cost; 1 ms by default), so the tuned variant's choice follows costs a test sets;
+// cudaStreamIsCapturing reports what set_capturing said. Each configure() presents a new device ordinal, so the
+// launchers' per-device caches (resident blocks, the tuned variant's choices) see a different card; their
+// per-kernel caches (spills, read once per process) do not change: a test of the spill heuristic configures before
+// the first launch, in a fresh process.
 #pragma once
 #ifndef DUMO_CUDA_SIM
 #error "cuda_sim.h is for builds with -DDUMO_CUDA_SIM"
