@@ -16,7 +16,9 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
       row's loads in flight: forward and LayerNorm backward), and the option bits on the default: cuda-wide (the
       JVP with four warps per row), cuda-planned (backward tiles planned for the card: a sample per block where
       that fills it, no second kernel), cuda-tworows (two rows per pass in the LayerNorm backward),
-      cuda-tworows-planned, cuda-all (every option bit); the "cuda" rows are the build's default
+      cuda-tworows-planned, cuda-streaming / cuda-rows / cuda-rows-streaming (the gated residual's forward and JVP
+      with the evict-first cache hint / by rows with the gate in registers / both), cuda-all (every option bit but
+      tuning); the "cuda" rows are the build's default
       (csrc/rowwise_fast.h kDefaultVariant; cuda-auto = 1, the automatic choice without option bits)
 
 The build's default is the tuned variant (1 | 32): each op measures its candidate variants on its first call per
@@ -137,7 +139,8 @@ def copy_bandwidth(device) -> float:
 
 # bench op -> (cuda_tuned()'s op, modulations): the tuned variant's records of that op
 TUNED_KEYS = {"ln_mod_fwd": ("ln_mod_fwd", 1), "ln_dual_fwd": ("ln_mod_fwd", 2), "ln_mod_jvp": ("ln_mod_jvp", 1),
-              "ln_mod_bwd": ("ln_mod_bwd", 1), "ln_dual_bwd": ("ln_mod_bwd", 2), "gated_bwd": ("gated_bwd", 1)}
+              "ln_mod_bwd": ("ln_mod_bwd", 1), "ln_dual_bwd": ("ln_mod_bwd", 2), "gated_bwd": ("gated_bwd", 1),
+              "gated_fwd": ("gated_fwd", 1), "gated_jvp": ("gated_jvp", 1)}
 
 
 def tuned_note(op: str, N: int, T: int, D: int, tx: torch.dtype, tm: torch.dtype) -> str | None:
@@ -146,6 +149,7 @@ def tuned_note(op: str, N: int, T: int, D: int, tx: torch.dtype, tm: torch.dtype
     C = rw.extension()
     if op not in TUNED_KEYS or C is None or not C.with_cuda() or not C.cuda_fast_path() & 32:
         return None
+    tx = torch.float32 if op == "gated_jvp" else tx  # float32 tangents in and out whatever the residual dtype
     want = (*TUNED_KEYS[op], N, T, D, str(tx).split(".")[-1], str(tm).split(".")[-1])
     notes = [f"tuned {r['variant']} (" + ", ".join(f"{v}: {ms:.3f}" for v, ms in zip(r["candidates"], r["ms"])) + ")"
              for r in C.cuda_tuned() if (r["op"], r["nmod"], r["N"], r["T"], r["D"], r["tx"], r["tm"]) == want]
@@ -181,7 +185,8 @@ def main() -> None:
     if cuda and args.cuda_variants:
         variants.update({"cuda-general": 0, "cuda-auto": 1, "cuda-nopreload": 2, "cuda-preload": 3, "cuda-wide": 1 | 4,
                          "cuda-planned": 1 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16,
-                         "cuda-all": 1 | 4 | 8 | 16})
+                         "cuda-streaming": 1 | 128, "cuda-rows": 1 | 64, "cuda-rows-streaming": 1 | 64 | 128,
+                         "cuda-all": 1 | 4 | 8 | 16 | 64 | 128})
         impls = list(variants) + ["triton"]
     if cuda and not args.no_compile:
         from torch import _dynamo

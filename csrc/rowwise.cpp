@@ -398,8 +398,9 @@ int cuda_fast_path(int variant) {
   DUMO_CHECK(variant == -1 || fast::valid_variant(variant),
              "dumo_engine._C.cuda_fast_path: variant must be -1 (query) or a base choice 0 (general kernels only), 1 "
              "(fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload), plus option bits 4 (wide "
-             "JVP), 8 (planned backward tiles), 16 (two rows per pass in the LayerNorm backward) and 32 (measure "
-             "the candidates per shape and run the fastest); got ",
+             "JVP), 8 (planned backward tiles), 16 (two rows per pass in the LayerNorm backward), 32 (measure the "
+             "candidates per shape and run the fastest), 64 (gated residual by rows) and 128 (cache-streaming hints "
+             "in the gated residual); got ",
              variant);
   return set_cuda_fast_path(variant);
 #else
@@ -410,7 +411,7 @@ int cuda_fast_path(int variant) {
 
 std::vector<TunedRow> tuned_variants() {
 #ifdef DUMO_WITH_CUDA
-  static const char* const kOps[] = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd"};
+  static const char* const kOps[] = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd", "gated_fwd", "gated_jvp"};
   static const char* const kTypes[] = {"float32", "bfloat16", "float16"};
   std::vector<TunedRow> out;
   for (const TuneRecord& r : cuda_tuned())

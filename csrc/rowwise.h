@@ -72,19 +72,19 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
 // Process-wide choice of CUDA kernels (rowwise_fast.h): a base choice 0 = the general kernels only, 1 = the fast
 // path where it applies with its own register heuristics, 2 / 3 = the fast path never / always holding operands
 // ahead of use, plus option bits (4 wide JVP, 8 planned backward tiles, 16 two rows per pass, 32 tuned: measure the
-// candidates per key and run the fastest; the default is 1 | 32). Returns the previous setting; invalid values only
-// read it.
+// candidates per key and run the fastest; the default is 1 | 32; 64 / 128 the gated residual's rows layout / cache
+// hints). Returns the previous setting; invalid values only read it.
 int set_cuda_fast_path(int variant);
 
 // The measurements of kTuned (rowwise_fast.h): one record per (op, shapes, dtypes, device) key measured in this
 // process, with the variant each later call of that key runs.
-enum class TunedOp : int { LnModFwd = 0, LnModJvp = 1, LnModBwd = 2, GatedBwd = 3 };
+enum class TunedOp : int { LnModFwd = 0, LnModJvp = 1, LnModBwd = 2, GatedBwd = 3, GatedFwd = 4, GatedJvp = 5 };
 struct TuneRecord {
   TunedOp op;
   int nmod;           // modulations (1, or 2 for the dual final layer); 1 for the gated op
   Shape s;
   DType tx, tm;
-  bool f32_out;       // ln_mod_jvp: y_dot in float32
+  bool f32_out;       // ln_mod_jvp: y_dot in float32 (the gated JVP's is always: tx float32)
   int device;         // CUDA device ordinal
   int variant;        // the choice
   std::vector<int> candidates;

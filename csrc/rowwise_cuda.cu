@@ -315,7 +315,7 @@ __global__ void colsum_kernel(const float* __restrict__ partial, const __grid_co
 //   JVP      out_dot = x_dot + g_dot h + g h_dot
 // A thread handles 8 consecutive elements on the vector path (never across a row: D % 8 == 0), one otherwise.
 // ---------------------------------------------------------------------------------------------------------------
-template <typename TX, typename TM, bool V>
+template <typename TX, typename TM, bool V, bool CS = false>
 __global__ void gated_fwd_kernel(const TX* __restrict__ x, const TM* __restrict__ g, int64_t gs,
                                  const TM* __restrict__ h, TX* __restrict__ out, int64_t total, int64_t TD, int D) {
   const int64_t per = V ? VEC : 1;
@@ -324,19 +324,19 @@ __global__ void gated_fwd_kernel(const TX* __restrict__ x, const TM* __restrict_
     const int64_t gi = (i / TD) * gs + i % D;
     if constexpr (V) {
       float xv[VEC], gv[VEC], hv[VEC];
-      load8(x + i, xv);
+      load8<TX, CS>(x + i, xv);
       load8(g + gi, gv);
-      load8(h + i, hv);
+      load8<TM, CS>(h + i, hv);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) xv[j] += gv[j] * hv[j];
-      store8(out + i, xv);
+      store8<TX, CS>(out + i, xv);
     } else {
       out[i] = Conv<TX>::from(Conv<TX>::to(x[i]) + Conv<TM>::to(g[gi]) * Conv<TM>::to(h[i]));
     }
   }
 }
 
-template <typename TM, bool V>
+template <typename TM, bool V, bool CS = false>
 __global__ void gated_jvp_kernel(const float* __restrict__ x_dot, const TM* __restrict__ g, int64_t gs,
                                  const TM* __restrict__ g_dot, int64_t gds, const TM* __restrict__ h,
                                  const TM* __restrict__ h_dot, float* __restrict__ out_dot, int64_t total,
@@ -347,18 +347,64 @@ __global__ void gated_jvp_kernel(const float* __restrict__ x_dot, const TM* __re
     const int64_t n = i / TD, d = i % D;
     if constexpr (V) {
       float xd[VEC], gv[VEC], gd[VEC], hv[VEC], hd[VEC];
-      load8(x_dot + i, xd);
+      load8<float, CS>(x_dot + i, xd);
       load8(g + n * gs + d, gv);
       load8(g_dot + n * gds + d, gd);
-      load8(h + i, hv);
-      load8(h_dot + i, hd);
+      load8<TM, CS>(h + i, hv);
+      load8<TM, CS>(h_dot + i, hd);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) xd[j] += gd[j] * hv[j] + gv[j] * hd[j];
-      store8(out_dot + i, xd);
+      store8<float, CS>(out_dot + i, xd);
     } else {
       out_dot[i] = x_dot[i] + Conv<TM>::to(g_dot[n * gds + d]) * Conv<TM>::to(h[i]) +
                    Conv<TM>::to(g[n * gs + d]) * Conv<TM>::to(h_dot[i]);
     }
+  }
+}
+
+// The same two ops, rows layout (fast::kGatedRows): block (D / 8 threads on x, blockDim.y rows at a time), grid
+// (groups of rows_per_block rows, N samples). A thread owns columns [8 x, 8 x + 8) of its rows and loads its gate
+// chunk(s) once, for all of them. CS: the once-read operands and the outputs with the evict-first cache hint.
+template <typename TX, typename TM, bool CS>
+__global__ void gated_fwd_rows(const TX* __restrict__ x, const TM* __restrict__ g, int64_t gs,
+                               const TM* __restrict__ h, TX* __restrict__ out, int64_t T, int D,
+                               int rows_per_block) {
+  const int c = int(threadIdx.x) * VEC;
+  const int64_t n = blockIdx.y, t0 = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t t_end = t0 + rows_per_block < T ? t0 + rows_per_block : T;
+  float gv[VEC];
+  load8(g + n * gs + c, gv);
+  for (int64_t t = t0 + threadIdx.y; t < t_end; t += blockDim.y) {
+    const int64_t i = (n * T + t) * D + c;
+    float xv[VEC], hv[VEC];
+    load8<TX, CS>(x + i, xv);
+    load8<TM, CS>(h + i, hv);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xv[j] += gv[j] * hv[j];
+    store8<TX, CS>(out + i, xv);
+  }
+}
+
+template <typename TM, bool CS>
+__global__ void gated_jvp_rows(const float* __restrict__ x_dot, const TM* __restrict__ g, int64_t gs,
+                               const TM* __restrict__ g_dot, int64_t gds, const TM* __restrict__ h,
+                               const TM* __restrict__ h_dot, float* __restrict__ out_dot, int64_t T, int D,
+                               int rows_per_block) {
+  const int c = int(threadIdx.x) * VEC;
+  const int64_t n = blockIdx.y, t0 = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t t_end = t0 + rows_per_block < T ? t0 + rows_per_block : T;
+  float gv[VEC], gd[VEC];
+  load8(g + n * gs + c, gv);
+  load8(g_dot + n * gds + c, gd);
+  for (int64_t t = t0 + threadIdx.y; t < t_end; t += blockDim.y) {
+    const int64_t i = (n * T + t) * D + c;
+    float xd[VEC], hv[VEC], hd[VEC];
+    load8<float, CS>(x_dot + i, xd);
+    load8<TM, CS>(h + i, hv);
+    load8<TM, CS>(h_dot + i, hd);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) xd[j] += gd[j] * hv[j] + gv[j] * hd[j];
+    store8<float, CS>(out_dot + i, xd);
   }
 }
 
@@ -532,13 +578,32 @@ static int ln_mod_bwd_with(int variant, bool vec, const void* const* gys, const 
   return check != 0 ? check : finish();
 }
 
-int gated_fwd_cuda(const void* x, const void* g, int64_t g_stride, const void* h, void* out, Shape s, DType tx,
-                   DType tm, void* stream) {
+namespace {
+
+// The gated ops' rows layout (fast::kGatedRows), where it applies: D / 8 threads per row (D <= 2048), N <= 65535
+// samples (grid y); blockDim.y rows at a time, about 256 threads per block, kGatedRowsPerThread rows per thread.
+constexpr int kGatedRowsPerThread = 8;
+struct RowsGeo {
+  dim3 grid, block;
+  int rows_per_block;
+};
+RowsGeo gated_rows_geo(Shape s) {
+  const int bx = int(s.D / VEC), by = bx >= 256 ? 1 : 256 / bx, rpb = by * kGatedRowsPerThread;
+  return {dim3(unsigned(ceil_div(s.T, rpb)), unsigned(s.N)), dim3(unsigned(bx), unsigned(by)), rpb};
+}
+bool gated_rows(int variant, bool vec, Shape s) {
+  return vec && fast_path(variant) && (variant & fast::kGatedRows) && s.D <= fast::kFastMaxHidden && s.N <= 65535;
+}
+bool streaming(int variant) { return fast_path(variant) && (variant & fast::kStreaming); }
+
+}  // namespace
+
+static int gated_fwd_with(int variant, bool vec, const void* x, const void* g, int64_t g_stride, const void* h,
+                          void* out, Shape s, DType tx, DType tm, void* stream) {
   const int64_t total = s.N * s.T * s.D;
   if (total == 0) return 0;
-  const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(g) && aligned16(h) && aligned16(out) &&
-                   g_stride % VEC == 0;
   auto st = static_cast<cudaStream_t>(stream);
+  const bool rows = gated_rows(variant, vec, s), cs = streaming(variant);
   with_type(tx, [&](auto txt) {
     with_type(tm, [&](auto tmt) {
       using TX = typename decltype(txt)::type;
@@ -547,36 +612,62 @@ int gated_fwd_cuda(const void* x, const void* g, int64_t g_stride, const void* h
       auto gp = static_cast<const TM*>(g);
       auto hp = static_cast<const TM*>(h);
       auto op = static_cast<TX*>(out);
-      if (vec)
-        DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_fwd_kernel<TX, TM, true>)(xp, gp, g_stride, hp, op, total,
-                                                                             s.T * s.D, int(s.D));
-      else
+      const int64_t TD = s.T * s.D;
+      if (rows) {
+        const RowsGeo geo = gated_rows_geo(s);
+#define DUMO_GATED_ROWS(CS)                                                                                   \
+  DUMO_LAUNCH(geo.grid, geo.block, 0, st, gated_fwd_rows<TX, TM, CS>)(xp, gp, g_stride, hp, op, s.T, int(s.D), \
+                                                                        geo.rows_per_block)
+        if (cs) DUMO_GATED_ROWS(true); else DUMO_GATED_ROWS(false);
+#undef DUMO_GATED_ROWS
+      } else if (vec) {
+        if (cs)
+          DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_fwd_kernel<TX, TM, true, true>)(
+              xp, gp, g_stride, hp, op, total, TD, int(s.D));
+        else
+          DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_fwd_kernel<TX, TM, true>)(xp, gp, g_stride, hp, op,
+                                                                                          total, TD, int(s.D));
+      } else {
         DUMO_LAUNCH(flat_grid(total, 1), 256, 0, st, gated_fwd_kernel<TX, TM, false>)(xp, gp, g_stride, hp, op, total,
-                                                                            s.T * s.D, int(s.D));
+                                                                                       TD, int(s.D));
+      }
     });
   });
   return finish();
 }
 
-int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const void* g_dot, int64_t g_dot_stride,
-                   const void* h, const void* h_dot, float* out_dot, Shape s, DType tm, void* stream) {
+static int gated_jvp_with(int variant, bool vec, const float* x_dot, const void* g, int64_t g_stride,
+                          const void* g_dot, int64_t g_dot_stride, const void* h, const void* h_dot, float* out_dot,
+                          Shape s, DType tm, void* stream) {
   const int64_t total = s.N * s.T * s.D;
   if (total == 0) return 0;
-  const bool vec = s.D % VEC == 0 && aligned16(x_dot) && aligned16(g) && aligned16(g_dot) && aligned16(h) &&
-                   aligned16(h_dot) && aligned16(out_dot) && g_stride % VEC == 0 && g_dot_stride % VEC == 0;
   auto st = static_cast<cudaStream_t>(stream);
+  const bool rows = gated_rows(variant, vec, s), cs = streaming(variant);
   with_type(tm, [&](auto tmt) {
     using TM = typename decltype(tmt)::type;
     auto gp = static_cast<const TM*>(g);
     auto gdp = static_cast<const TM*>(g_dot);
     auto hp = static_cast<const TM*>(h);
     auto hdp = static_cast<const TM*>(h_dot);
-    if (vec)
-      DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_jvp_kernel<TM, true>)(
-          x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, out_dot, total, s.T * s.D, int(s.D));
-    else
+    const int64_t TD = s.T * s.D;
+    if (rows) {
+      const RowsGeo geo = gated_rows_geo(s);
+#define DUMO_GATED_ROWS(CS)                                                                                          \
+  DUMO_LAUNCH(geo.grid, geo.block, 0, st, gated_jvp_rows<TM, CS>)(x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, \
+                                                                   out_dot, s.T, int(s.D), geo.rows_per_block)
+      if (cs) DUMO_GATED_ROWS(true); else DUMO_GATED_ROWS(false);
+#undef DUMO_GATED_ROWS
+    } else if (vec) {
+      if (cs)
+        DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_jvp_kernel<TM, true, true>)(
+            x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, out_dot, total, TD, int(s.D));
+      else
+        DUMO_LAUNCH(flat_grid(total, VEC), 256, 0, st, gated_jvp_kernel<TM, true>)(
+            x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, out_dot, total, TD, int(s.D));
+    } else {
       DUMO_LAUNCH(flat_grid(total, 1), 256, 0, st, gated_jvp_kernel<TM, false>)(
-          x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, out_dot, total, s.T * s.D, int(s.D));
+          x_dot, gp, g_stride, gdp, g_dot_stride, hp, hdp, out_dot, total, TD, int(s.D));
+    }
   });
   return finish();
 }
@@ -635,7 +726,8 @@ constexpr size_t kTuneMaxKeys = 4096;  // beyond this many keys, new keys run th
 // The candidates of each op: the variants that change its kernels (the fallback, i.e. the caller's bits without
 // kTuned, goes first; duplicates are dropped). The forward has only the base choices; the JVP the wide layout; the
 // LayerNorm backward preload x planned tiles, and two rows per pass (which ignores the preload choice) x planned
-// tiles; the gated backward planned tiles. The general kernels are a candidate everywhere.
+// tiles; the gated backward planned tiles; the gated forward and JVP the rows layout x the cache hint. The general
+// kernels are a candidate everywhere (for the gated forward and JVP they are kAuto's flat kernels).
 std::vector<int> tune_candidates(TunedOp op, int fallback) {
   using namespace fast;
   std::vector<int> c{fallback};
@@ -651,6 +743,10 @@ std::vector<int> tune_candidates(TunedOp op, int fallback) {
            kAuto | kTwoRows | kPlannedTiles, kGeneral});
       break;
     case TunedOp::GatedBwd: add({kAuto, kAuto | kPlannedTiles, kGeneral}); break;
+    case TunedOp::GatedFwd:
+    case TunedOp::GatedJvp:
+      add({kAuto, kAuto | kStreaming, kAuto | kGatedRows, kAuto | kGatedRows | kStreaming});
+      break;
   }
   return c;
 }
@@ -809,6 +905,25 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
   return tuned_run(g_variant.load(), fast, TunedOp::GatedBwd, 1, s, tx, tm, false, stream, [&](int v) {
     return gated_bwd_with(v, vec, gout, g, g_stride, h, gh, gg, partial, s, tx, tm, stream);
   });
+}
+
+int gated_fwd_cuda(const void* x, const void* g, int64_t g_stride, const void* h, void* out, Shape s, DType tx,
+                   DType tm, void* stream) {
+  const bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(g) && aligned16(h) && aligned16(out) &&
+                   g_stride % VEC == 0;
+  return tuned_run(g_variant.load(), vec && s.D <= fast::kFastMaxHidden, TunedOp::GatedFwd, 1, s, tx, tm, false,
+                   stream, [&](int v) { return gated_fwd_with(v, vec, x, g, g_stride, h, out, s, tx, tm, stream); });
+}
+
+int gated_jvp_cuda(const float* x_dot, const void* g, int64_t g_stride, const void* g_dot, int64_t g_dot_stride,
+                   const void* h, const void* h_dot, float* out_dot, Shape s, DType tm, void* stream) {
+  const bool vec = s.D % VEC == 0 && aligned16(x_dot) && aligned16(g) && aligned16(g_dot) && aligned16(h) &&
+                   aligned16(h_dot) && aligned16(out_dot) && g_stride % VEC == 0 && g_dot_stride % VEC == 0;
+  return tuned_run(g_variant.load(), vec && s.D <= fast::kFastMaxHidden, TunedOp::GatedJvp, 1, s, DType::F32, tm,
+                   true, stream, [&](int v) {
+                     return gated_jvp_with(v, vec, x_dot, g, g_stride, g_dot, g_dot_stride, h, h_dot, out_dot, s, tm,
+                                           stream);
+                   });
 }
 
 std::vector<TuneRecord> cuda_tuned() {

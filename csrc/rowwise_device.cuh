@@ -46,34 +46,47 @@ struct Conv<__half> {
   __device__ static __half from(float v) { return __float2half_rn(v); }
 };
 
+// A 16-byte load through the read-only path, or (CS) with the evict-first hint (ld.global.cs: data read once
+// should not displace what is read again from L2); and the matching store (CS: st.global.cs).
+template <bool CS, typename V>
+__device__ __forceinline__ V ld16(const V* p) {
+  if constexpr (CS) return __ldcs(p);
+  else return __ldg(p);
+}
+template <bool CS, typename V>
+__device__ __forceinline__ void st16(V* p, const V& v) {
+  if constexpr (CS) __stcs(p, v);
+  else *p = v;
+}
+
 // 8 consecutive elements at a 16-byte aligned p: one 16-byte load for 2-byte types, two for float.
-template <typename T>
+template <typename T, bool CS = false>
 __device__ __forceinline__ void load8(const T* __restrict__ p, float* r) {
   DUMO_ALIGNED16(p);
   if constexpr (sizeof(T) == 4) {
-    const float4 a = __ldg(reinterpret_cast<const float4*>(p));
-    const float4 b = __ldg(reinterpret_cast<const float4*>(p) + 1);
+    const float4 a = ld16<CS>(reinterpret_cast<const float4*>(p));
+    const float4 b = ld16<CS>(reinterpret_cast<const float4*>(p) + 1);
     r[0] = a.x, r[1] = a.y, r[2] = a.z, r[3] = a.w, r[4] = b.x, r[5] = b.y, r[6] = b.z, r[7] = b.w;
   } else {
-    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4 u = ld16<CS>(reinterpret_cast<const uint4*>(p));
     const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) r[j] = Conv<T>::to(e[j]);
   }
 }
 
-template <typename T>
+template <typename T, bool CS = false>
 __device__ __forceinline__ void store8(T* __restrict__ p, const float* r) {
   DUMO_ALIGNED16(p);
   if constexpr (sizeof(T) == 4) {
-    reinterpret_cast<float4*>(p)[0] = make_float4(r[0], r[1], r[2], r[3]);
-    reinterpret_cast<float4*>(p)[1] = make_float4(r[4], r[5], r[6], r[7]);
+    st16<CS>(reinterpret_cast<float4*>(p), make_float4(r[0], r[1], r[2], r[3]));
+    st16<CS>(reinterpret_cast<float4*>(p) + 1, make_float4(r[4], r[5], r[6], r[7]));
   } else {
     uint4 u;
     T* e = reinterpret_cast<T*>(&u);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) e[j] = Conv<T>::from(r[j]);
-    *reinterpret_cast<uint4*>(p) = u;
+    st16<CS>(reinterpret_cast<uint4*>(p), u);
   }
 }
 

@@ -53,7 +53,12 @@ constexpr int kWideJvp = 4, kPlannedTiles = 8, kTwoRows = 16;
 // outputs of the measuring call are those of the chosen variant (it runs last), so every call with a key gives the
 // same bits. `vec` of the launchers: whether the operands are 16-byte aligned with strides that keep them so.
 constexpr int kTuned = 32;
-constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows | kTuned;
+// Gated residual forward and JVP (which otherwise run the flat elementwise kernels on any path but kGeneral):
+//   kGatedRows: a thread per 8-column chunk of a row over several rows of one sample, its gate chunk held in
+//     registers (the flat kernel reloads it from L2 for every 8 elements and divides a 64-bit index per vector);
+//   kStreaming: the once-read operands loaded, and the outputs stored, with the evict-first cache hint.
+constexpr int kGatedRows = 64, kStreaming = 128;
+constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows | kTuned | kGatedRows | kStreaming;
 // The process-wide default (set_cuda_fast_path changes it): measured per key where possible, else kAuto.
 constexpr int kDefaultVariant = kAuto | kTuned;
 inline bool valid_variant(int v) { return v >= 0 && (v & ~(kBaseMask | kOptionMask)) == 0; }

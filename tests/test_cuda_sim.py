@@ -45,8 +45,9 @@ def sim():
 
 
 # kernel variants (csrc/rowwise_fast.h): 0 general kernels, 1 automatic, 2 / 3 without / with the next row's loads in
-# flight; option bits 4 wide JVP, 8 planned backward tiles, 16 two rows per pass in the LayerNorm backward
-VARIANTS = [0, 1, 2, 3, 2 | 4 | 8, 1 | 16, 1 | 8 | 16, 3 | 4 | 8 | 16]
+# flight; option bits 4 wide JVP, 8 planned backward tiles, 16 two rows per pass in the LayerNorm backward, 64 the
+# gated residual's rows layout, 128 its cache-streaming hints
+VARIANTS = [0, 1, 2, 3, 2 | 4 | 8 | 64, 1 | 16 | 128, 1 | 8 | 16, 3 | 4 | 8 | 16 | 64 | 128]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES_ALL = [(F32, F32), (BF16, BF16), (F16, F16), (F32, BF16), (F32, F16)]
 DTYPES_TRAIN = [(F32, BF16), (BF16, BF16)]
@@ -215,7 +216,7 @@ def test_emulator_checks_itself(sim):
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("variant", [0, 1, 3 | 4 | 8 | 16])
+@pytest.mark.parametrize("variant", [0, 1, 3 | 4 | 8 | 16 | 64 | 128])
 def test_other_scheduling_orders(sim, order, variant):
     """Fibers switch only at barriers and shuffles, so the order in which runnable threads go next decides which
     unsynchronised shared-memory orderings a run sees: reverse and greedy orders expose a missing barrier or a
@@ -274,7 +275,8 @@ def test_each_variant_runs_its_kernels(sim):
     """The launch log names the kernels each call ran, so no variant can pass by silently falling back: the general
     kernels only under 0, the warp-per-row forward and warp-pair backward under 1, the wide JVP with bit 4, the
     two-row backward with bit 16, a sample per block without the column-sum kernel with bit 8 where the plan says
-    one tile, the general backward when shared memory is short, and the general kernels for odd D."""
+    one tile, the general backward when shared memory is short, the general kernels for odd D, and the gated
+    forward and JVP by rows with bit 64 and with the cache hint with bit 128 (neither under base 0)."""
     names = _kernel_names(sim)
     sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
 
@@ -321,6 +323,26 @@ def test_each_variant_runs_its_kernels(sim):
         log = ran(1 | 8, (9, 130, 64), "bwd")
         assert kernels(log)[1] == "colsum_kernel<__nv_bfloat16>" and log[0][1] == (9, 3, 1)
         assert [k.split("<")[0] for k in kernels(ran(1, (2, 5, 37), "bwd"))] == ["ln_mod_bwd_kernel", "colsum_kernel"]
+        d = operands((2, 70, 384), F32, BF16)  # the gated forward and JVP: flat or by rows, with or without hints
+        g, g_dot = d["mods"][4], d["mods_dot"][4]
+        for v, fwd, jvp in ((1, "gated_fwd_kernel<float, __nv_bfloat16, true, false>",
+                             "gated_jvp_kernel<__nv_bfloat16, true, false>"),
+                            (1 | 128, "gated_fwd_kernel<float, __nv_bfloat16, true, true>",
+                             "gated_jvp_kernel<__nv_bfloat16, true, true>"),
+                            (1 | 64, "gated_fwd_rows<float, __nv_bfloat16, false>",
+                             "gated_jvp_rows<__nv_bfloat16, false>"),
+                            (1 | 64 | 128, "gated_fwd_rows<float, __nv_bfloat16, true>",
+                             "gated_jvp_rows<__nv_bfloat16, true>"),
+                            (64 | 128, "gated_fwd_kernel<float, __nv_bfloat16, true, false>",  # base 0: general only
+                             "gated_jvp_kernel<__nv_bfloat16, true, false>")):
+            sim.cuda_fast_path(v)
+            sim.sim_launches()
+            sim.gated_fwd(d["x"], g, d["h"])
+            sim.gated_jvp(d["x_dot"], g, g_dot, d["h"], d["h_dot"])
+            log = _launched(sim, names)
+            assert kernels(log) == [fwd, jvp], (v, log)
+            if v & 64 and v & 3:  # D / 8 = 48 threads x 5 rows, 40 rows per block: 2 x 2 blocks
+                assert log[0][1] == log[1][1] == (2, 2, 1), log
         sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=100 * 1024, local_bytes=0)
         assert kernels(ran(1, (2, 9, 1152), "dual"))[0].startswith("ln_mod_bwd_kernel<")  # 110 KiB > 100 KiB
         assert kernels(ran(1, (2, 9, 1152), "bwd"))[0].startswith("ln_mod_bwd_pair<")  # 55 KiB fits
@@ -442,6 +464,10 @@ def test_tuned_variant_runs_the_fastest_candidate(sim):
         sim.gated_bwd(e["gout"], e["mods"][4], e["h"])
         r = _record(sim, "gated_bwd")
         assert r["candidates"] == [1, 1 | 8, 0] and r["ms"] == [2.0, 1.0, 2.0] and r["variant"] == 1 | 8, r
+        sim.sim_kernel_cost(_offset(names, "gated_fwd_rows<float, __nv_bfloat16, true>"), 0.5)  # rows, streaming
+        sim.gated_fwd(e["x"], e["mods"][4], e["h"])
+        r = _record(sim, "gated_fwd")
+        assert r["candidates"] == [1, 1 | 128, 1 | 64, 1 | 64 | 128] and r["variant"] == 1 | 64 | 128, r
     finally:
         sim.sim_capturing(False)
         sim.sim_event_failure(False)
@@ -472,7 +498,7 @@ def test_bench_notes_the_tuned_choice(sim, monkeypatch, tmp_path):
             f"{v}: {ms:.3f}" for v, ms in zip(rec["candidates"], rec["ms"])) + ")"
         assert bench_rowwise.tuned_note("ln_mod_bwd", 2, 70, 384, F32, BF16) is None  # one modulation: not run
         assert bench_rowwise.tuned_note("ln_dual_bwd", 2, 70, 384, BF16, BF16) is None  # other dtypes
-        assert bench_rowwise.tuned_note("gated_fwd", 2, 70, 384, F32, BF16) is None  # no variants
+        assert bench_rowwise.tuned_note("gated_fwd", 2, 70, 384, F32, BF16) is None  # not run
         sim.cuda_fast_path(1)
         assert bench_rowwise.tuned_note("ln_dual_bwd", 2, 70, 384, F32, BF16) is None  # tuning off
     finally:

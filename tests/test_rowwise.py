@@ -26,9 +26,11 @@ CASES = [("cpp", "cpu")]
 # left as built, csrc/rowwise_fast.h kDefaultVariant: the tuned variant, 1 | 32, which measures each shape's
 # candidates on its first call), the general kernels only, the automatic fast path unmeasured (1), without and with
 # the next row's loads in flight, and the option bits (4: the JVP with four warps per row; 8: backward tiles planned
-# for the card; 16: two rows per pass in the LayerNorm backward) (csrc/rowwise_fast.h).
+# for the card; 16: two rows per pass in the LayerNorm backward; 64 / 128: the gated residual's rows layout / cache
+# hints) (csrc/rowwise_fast.h).
 CUDA_VARIANTS = {"cuda": -1, "cuda-general": 0, "cuda-auto": 1, "cuda-nopreload": 2, "cuda-preload": 3,
-                 "cuda-nopreload-wide-planned": 2 | 4 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16}
+                 "cuda-nopreload-wide-planned-rows": 2 | 4 | 8 | 64, "cuda-tworows-streaming": 1 | 16 | 128,
+                 "cuda-tworows-planned-rows-streaming": 1 | 8 | 16 | 64 | 128}
 if HAS_CUDA:
     CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
     CASES += [pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
@@ -414,11 +416,10 @@ def test_bwd_tile_plan_examples_and_errors():
 
 def check_variant_switch(m):
     """m.cuda_fast_path (a CUDA build of the extension, or the emulator build in test_cuda_sim.py) rejects values
-    outside base 0..3 + option bits 4 | 8 | 16 | 32, naming them, and sets and restores a valid one; the build's
-    default is the tuned variant (1 | 32) unless a test changed it."""
+    outside base 0..3 + option bits 4 | 8 | 16 | 32 | 64 | 128, naming them, and sets and restores a valid one."""
     prev = m.cuda_fast_path()
     try:
-        for bad in (-2, 64, 1 | 64, 100):
+        for bad in (-2, 256, 1 | 256, 300):
             with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
                 m.cuda_fast_path(bad)
         assert m.cuda_fast_path(1 | 4 | 8 | 16 | 32) == prev and m.cuda_fast_path() == 1 | 4 | 8 | 16 | 32
@@ -428,7 +429,7 @@ def check_variant_switch(m):
 
 
 TUNED = 1 | 32  # cuda_fast_path: the automatic fast path, measured per key (csrc/rowwise_fast.h kTuned)
-TUNED_OPS = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd"}
+TUNED_OPS = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd", "gated_fwd", "gated_jvp"}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
@@ -452,6 +453,10 @@ def tuned_ops(m, d, key=None):
             out["ln_mod_bwd", nmod, False] = m.ln_mod_bwd(gys, d["x"], *d["stats"][nmod], sc)
     if key in (None, ("gated_bwd", 1, False)):
         out["gated_bwd", 1, False] = m.gated_bwd(d["gy"].to(d["x"].dtype), g, d["h"])
+    if key in (None, ("gated_fwd", 1, False)):
+        out["gated_fwd", 1, False] = [m.gated_fwd(d["x"], g, d["h"])]
+    if key in (None, ("gated_jvp", 1, True)):  # float32 tangents in and out: recorded as tx float32
+        out["gated_jvp", 1, True] = [m.gated_jvp(d["x_dot"], g, d["mods_dot"][4], d["h"], d["h_dot"])]
     return out
 
 
@@ -468,8 +473,8 @@ def check_tuned(m, device, cases):
             d = inputs(shape, tx, tm, device, seed=3)
             first = tuned_ops(m, d)
             again = tuned_ops(m, d)
-            recs = [r for r in m.cuda_tuned() if (r["N"], r["T"], r["D"], r["tx"], r["tm"]) ==
-                    (*shape, DTYPE_NAMES[tx], DTYPE_NAMES[tm])]
+            recs = [r for r in m.cuda_tuned() if (r["N"], r["T"], r["D"], r["tm"]) == (*shape, DTYPE_NAMES[tm])
+                    and r["tx"] == ("float32" if r["op"] == "gated_jvp" else DTYPE_NAMES[tx])]
             assert {(r["op"], r["nmod"], r["f32_out"]) for r in recs} == set(first), recs
             for r in recs:
                 assert r["candidates"][0] == 1 and r["variant"] in r["candidates"], r

@@ -129,6 +129,14 @@ template <typename T>
 inline T __ldg(const T* p) {
   return *p;
 }
+template <typename T>
+inline T __ldcs(const T* p) {  // the evict-first hint has no meaning here
+  return *p;
+}
+template <typename T>
+inline void __stcs(T* p, T v) {
+  *p = v;
+}
 inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 
 // The runtime's C++ overloads taking a kernel (cuda_runtime.h declares them for nvcc only).
