@@ -220,7 +220,8 @@ def test_emulator_checks_itself(sim):
 def test_other_scheduling_orders(sim, order, variant):
     """Fibers switch only at barriers and shuffles, so the order in which runnable threads go next decides which
     unsynchronised shared-memory orderings a run sees: reverse and greedy orders expose a missing barrier or a
-    single-buffered exchange that the forward order hides. The kernels give the twin's results under each."""
+    single-buffered exchange that the forward order hides; reverse and greedy-high also run the blocks last first,
+    which exposes a block writing rows of the next block or sample. The kernels give the twin's results under each."""
     sim.sim_order(order)
     try:
         sim.cuda_fast_path(variant)
@@ -233,10 +234,11 @@ def test_other_scheduling_orders(sim, order, variant):
         sim.sim_order(0)
 
 
-def test_unaligned_and_empty_inputs(sim):
+@pytest.mark.parametrize("variant", [1, 1 | 8 | 16 | 64 | 128])
+def test_unaligned_and_empty_inputs(sim, variant):
     """Operands that are not 16-byte aligned take the general kernels' scalar path (the emulator checks every
     16-byte access for alignment); T = 0 and N = 0 give empty outputs and zero column sums."""
-    sim.cuda_fast_path(1)
+    sim.cuda_fast_path(variant)
     N, T, D = 2, 70, 384
     flat = torch.randn(N * T * D + 1)
     d = operands((N, T, D), F32, F32)
@@ -513,3 +515,23 @@ def test_bench_notes_the_tuned_choice(sim, monkeypatch, tmp_path):
     lines = rowwise_table.table(cells, impls)
     assert lines[0].endswith("| fastest CUDA | tuned choice (candidate: ms) |")
     assert lines[2] == f"| XL/2 | ln_dual_bwd | fp32+bf16 | 0.250 (80%) | 0.500 | cuda | {note} |"
+
+
+def test_gated_rows_edge_shapes(sim):
+    """The gated residual by rows at its geometry's edges: D = 8 (one thread per row, 256 rows a block) and more
+    samples than a grid's y dimension holds (N = 65536: the flat kernel instead, by the launch log); the results are
+    the CPU twin's."""
+    names = _kernel_names(sim)
+    prev = sim.cuda_fast_path(1 | 64 | 128)
+    try:
+        for shape, kernel in (((2, 300, 8), "gated_fwd_rows<"), ((65536, 1, 8), "gated_fwd_kernel<")):
+            d = operands(shape, F32, BF16)
+            g, g_dot = d["mods"][4], d["mods_dot"][4]
+            sim.sim_launches()
+            got = sim.gated_fwd(d["x"], g, d["h"])
+            assert _launched(sim, names)[0][0].split("::")[-1].startswith(kernel)
+            close("gated", got, C.gated_fwd(d["x"], g, d["h"]))
+            close("gated_jvp", sim.gated_jvp(d["x_dot"], g, g_dot, d["h"], d["h_dot"]),
+                  C.gated_jvp(d["x_dot"], g, g_dot, d["h"], d["h_dot"]))
+    finally:
+        sim.cuda_fast_path(prev)

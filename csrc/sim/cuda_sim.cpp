@@ -116,7 +116,8 @@ void thread_main() {
 // Scheduling order (set_order): fibers switch only at barriers and shuffles, so which runnable fiber goes next
 // decides which unsynchronised shared-memory orderings a run sees. kForward / kReverse: round-robin from the lowest
 // / highest thread; kGreedyLow / kGreedyHigh: always the lowest / highest runnable thread. A kernel with a missing
-// barrier or a single-buffered exchange gives different results under some of them (tests run several).
+// barrier or a single-buffered exchange gives different results under some of them (tests run several). kReverse and
+// kGreedyHigh also run the grid's blocks last first (run_grid).
 int g_order = 0;
 enum { kForward = 0, kReverse = 1, kGreedyLow = 2, kGreedyHigh = 3 };
 
@@ -239,9 +240,14 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
   struct Reset {
     ~Reset() { g_run = nullptr; }
   } reset;
-  for (unsigned bz = 0; bz < grid.z; ++bz)
-    for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
+  // blocks in launch order, or under kReverse / kGreedyHigh the last block first: a block that writes another
+  // block's elements shows under one of them (the rightful writer runs after it), as block order is free on a GPU
+  const bool backwards = g_order == kReverse || g_order == kGreedyHigh;
+  for (unsigned iz = 0; iz < grid.z; ++iz)
+    for (unsigned iy = 0; iy < grid.y; ++iy)
+      for (unsigned ix = 0; ix < grid.x; ++ix) {
+        const unsigned bx = backwards ? grid.x - 1 - ix : ix, by = backwards ? grid.y - 1 - iy : iy,
+                       bz = backwards ? grid.z - 1 - iz : iz;
         g_block_idx = dim3(bx, by, bz);
         r.live = nthreads;
         r.block_bar = Barrier{};

@@ -4,7 +4,7 @@
 // on machines without a GPU. It checks the algorithm, not the hardware: no timing, no memory-model effects, no
 // compiled SASS (nvcc compile-checks that separately).
 //
-// Model: blocks run one after another; the threads of a block are cooperative fibers (ucontext) on the calling OS
+// Model: blocks run one after another (in launch order, or last first under two of the orders below); the threads of a block are cooperative fibers (ucontext) on the calling OS
 // thread, switched only at __syncthreads, named barriers (bar.sync id, count) and warp shuffles, so every run is
 // deterministic; which runnable fiber goes next follows set_order() (forward, reverse, greedy low / high: a missing
 // barrier or a single-buffered exchange shows under some of them). A barrier releases when its count of threads
