@@ -57,10 +57,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "queries",
         py::arg("variant") = -1);
   m.def("cuda_tuned", guarded(+[]() -> py::list {
+    static const char* const kOps[] = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd", "gated_fwd",
+                                       "gated_jvp"};
+    static const char* const kTypes[] = {"float32", "bfloat16", "float16"};
     py::list out;
     for (const auto& r : dumo::tuned_variants()) {
       py::dict d;
-      d["op"] = r.op, d["nmod"] = r.nmod, d["N"] = r.N, d["T"] = r.T, d["D"] = r.D, d["tx"] = r.tx, d["tm"] = r.tm;
+      d["op"] = kOps[int(r.op)], d["nmod"] = r.nmod, d["N"] = r.s.N, d["T"] = r.s.T, d["D"] = r.s.D;
+      d["tx"] = kTypes[int(r.tx)], d["tm"] = kTypes[int(r.tm)];
       d["f32_out"] = r.f32_out, d["device"] = r.device, d["variant"] = r.variant;
       d["candidates"] = r.candidates, d["ms"] = r.ms;
       out.append(d);

@@ -409,15 +409,9 @@ int cuda_fast_path(int variant) {
 #endif
 }
 
-std::vector<TunedRow> tuned_variants() {
+std::vector<TuneRecord> tuned_variants() {
 #ifdef DUMO_WITH_CUDA
-  static const char* const kOps[] = {"ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "gated_bwd", "gated_fwd", "gated_jvp"};
-  static const char* const kTypes[] = {"float32", "bfloat16", "float16"};
-  std::vector<TunedRow> out;
-  for (const TuneRecord& r : cuda_tuned())
-    out.push_back({kOps[int(r.op)], kTypes[int(r.tx)], kTypes[int(r.tm)], r.nmod, r.s.N, r.s.T, r.s.D, r.f32_out,
-                   r.device, r.variant, r.candidates, std::vector<double>(r.ms.begin(), r.ms.end())});
-  return out;
+  return cuda_tuned();
 #else
   DUMO_CHECK(false, "dumo_engine._C.cuda_tuned: this build of dumo_engine._C has no CUDA kernels");
   return {};

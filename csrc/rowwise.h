@@ -75,9 +75,10 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
 // candidates per key and run the fastest; the default is 1 | 32; 64 / 128 the gated residual's rows layout / cache
 // hints). Returns the previous setting; invalid values only read it.
 int set_cuda_fast_path(int variant);
+#endif
 
 // The measurements of kTuned (rowwise_fast.h): one record per (op, shapes, dtypes, device) key measured in this
-// process, with the variant each later call of that key runs.
+// process, with the variant each later call of that key runs (cuda_tuned() in CUDA builds).
 enum class TunedOp : int { LnModFwd = 0, LnModJvp = 1, LnModBwd = 2, GatedBwd = 3, GatedFwd = 4, GatedJvp = 5 };
 struct TuneRecord {
   TunedOp op;
@@ -90,6 +91,7 @@ struct TuneRecord {
   std::vector<int> candidates;
   std::vector<float> ms;  // median time of each candidate (CUDA events), same order
 };
+#ifdef DUMO_WITH_CUDA
 std::vector<TuneRecord> cuda_tuned();
 int cuda_tune_reset();  // forgets every measurement (the next call of each key measures again); returns how many
 #endif

@@ -3,8 +3,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
-#include <string>
 #include <vector>
+
+#include "rowwise.h"
 
 namespace dumo {
 std::vector<at::Tensor> ln_mod_fwd(const at::Tensor& x, const std::vector<at::Tensor>& shifts,
@@ -20,17 +21,8 @@ at::Tensor gated_jvp(const at::Tensor& x_dot, const at::Tensor& g, const at::Ten
 std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, const at::Tensor& h);
 bool with_cuda();
 int cuda_fast_path(int variant);
-// The measurements of the tuned CUDA variant (csrc/rowwise_fast.h kTuned; rowwise.h TuneRecord), one per key.
-struct TunedRow {
-  std::string op, tx, tm;
-  int nmod;
-  int64_t N, T, D;
-  bool f32_out;
-  int device, variant;
-  std::vector<int> candidates;
-  std::vector<double> ms;
-};
-std::vector<TunedRow> tuned_variants();
+// The measurements of the tuned CUDA variant (csrc/rowwise_fast.h kTuned), one per key.
+std::vector<TuneRecord> tuned_variants();
 int reset_tuned_variants();
 std::vector<int64_t> bwd_tile_plan(int64_t N, int64_t T, int64_t slots);
 }  // namespace dumo

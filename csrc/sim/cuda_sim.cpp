@@ -225,7 +225,7 @@ void run_grid(const void* kernel, dim3 grid, dim3 block, size_t smem, const std:
   }
   g_log.push_back({kernel, grid, block, smem});
   if (kernel) {  // the emulated clock that events read: a set cost per kernel, else kDefaultCostMs per launch
-    const auto it = g_cost.find(kernel_name(kernel));
+    const auto it = g_cost.empty() ? g_cost.end() : g_cost.find(kernel_name(kernel));
     g_clock_ms += it != g_cost.end() ? it->second : kDefaultCostMs;
   }
   g_grid_dim = grid;
