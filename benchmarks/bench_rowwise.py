@@ -17,8 +17,9 @@ CUDA the fraction of the card's copy bandwidth measured in the same run (bytes r
       JVP with four warps per row), cuda-planned (backward tiles planned for the card: a sample per block where
       that fills it, no second kernel), cuda-tworows (two rows per pass in the LayerNorm backward),
       cuda-tworows-planned, cuda-streaming / cuda-rows / cuda-rows-streaming (the gated residual's forward and JVP
-      with the evict-first cache hint / by rows with the gate in registers / both), cuda-all (every option bit but
-      tuning); the "cuda" rows are the build's default
+      with the evict-first cache hint / by rows with the gate in registers / both), cuda-widebwd /
+      cuda-widebwd-planned (the LayerNorm backward with a block of warps per row, column sums in registers; it
+      takes precedence over tworows), cuda-all (every option bit but tuning); the "cuda" rows are the build's default
       (csrc/rowwise_fast.h kDefaultVariant; cuda-auto = 1, the automatic choice without option bits)
 
 The build's default is the tuned variant (1 | 32): each op measures its candidate variants on its first call per
@@ -168,7 +169,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=0)
     p.add_argument("--cuda-variants", action="store_true",
                    help="also time the CUDA kernel variants (general kernels only; fast path without/with next-row "
-                        "loads; the wide-JVP, planned-tiles and two-rows option bits)")
+                        "loads; the option bits: wide JVP, planned tiles, two rows, gated rows / streaming, wide "
+                        "backward; see above)")
     p.add_argument("--out", default=None, help="append rows as JSONL here")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
@@ -186,7 +188,8 @@ def main() -> None:
         variants.update({"cuda-general": 0, "cuda-auto": 1, "cuda-nopreload": 2, "cuda-preload": 3, "cuda-wide": 1 | 4,
                          "cuda-planned": 1 | 8, "cuda-tworows": 1 | 16, "cuda-tworows-planned": 1 | 8 | 16,
                          "cuda-streaming": 1 | 128, "cuda-rows": 1 | 64, "cuda-rows-streaming": 1 | 64 | 128,
-                         "cuda-all": 1 | 4 | 8 | 16 | 64 | 128})
+                         "cuda-widebwd": 1 | 256, "cuda-widebwd-planned": 1 | 8 | 256,
+                         "cuda-all": 1 | 4 | 8 | 16 | 64 | 128 | 256})
         impls = list(variants) + ["triton"]
     if cuda and not args.no_compile:
         from torch import _dynamo

@@ -53,7 +53,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(the JVP with four warps per row), 8 (the backward's tiles planned for this GPU) and 16 (two rows per pass "
         "in the LayerNorm backward), 32 (tuned: measure each op's candidate variants on its first call per shape, "
         "dtypes and device, and run the fastest; the default, 1 | 32), 64 (the gated residual's forward and JVP by "
-        "rows, the gate held in registers), 128 (their once-read operands with the evict-first cache hint); -1 only "
+        "rows, the gate held in registers), 128 (their once-read operands with the evict-first cache hint), 256 "
+        "(the LayerNorm backward with a block of warps per row, column sums in registers; before 16); -1 only "
         "queries",
         py::arg("variant") = -1);
   m.def("cuda_tuned", guarded(+[]() -> py::list {

@@ -399,8 +399,8 @@ int cuda_fast_path(int variant) {
              "dumo_engine._C.cuda_fast_path: variant must be -1 (query) or a base choice 0 (general kernels only), 1 "
              "(fast path, automatic), 2 (fast path, no preload) or 3 (fast path, preload), plus option bits 4 (wide "
              "JVP), 8 (planned backward tiles), 16 (two rows per pass in the LayerNorm backward), 32 (measure the "
-             "candidates per shape and run the fastest), 64 (gated residual by rows) and 128 (cache-streaming hints "
-             "in the gated residual); got ",
+             "candidates per shape and run the fastest), 64 (gated residual by rows), 128 (cache-streaming hints "
+             "in the gated residual) and 256 (LayerNorm backward with a block of warps per row); got ",
              variant);
   return set_cuda_fast_path(variant);
 #else

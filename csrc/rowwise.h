@@ -73,7 +73,8 @@ int gated_bwd_cuda(const void* gout, const void* g, int64_t g_stride, const void
 // path where it applies with its own register heuristics, 2 / 3 = the fast path never / always holding operands
 // ahead of use, plus option bits (4 wide JVP, 8 planned backward tiles, 16 two rows per pass, 32 tuned: measure the
 // candidates per key and run the fastest; the default is 1 | 32; 64 / 128 the gated residual's rows layout / cache
-// hints). Returns the previous setting; invalid values only read it.
+// hints; 256 the LayerNorm backward with a block of warps per row). Returns the previous setting; invalid values
+// only read it.
 int set_cuda_fast_path(int variant);
 #endif
 

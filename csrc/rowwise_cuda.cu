@@ -725,8 +725,8 @@ constexpr size_t kTuneMaxKeys = 4096;  // beyond this many keys, new keys run th
 
 // The candidates of each op: the variants that change its kernels (the fallback, i.e. the caller's bits without
 // kTuned, goes first; duplicates are dropped). The forward has only the base choices; the JVP the wide layout; the
-// LayerNorm backward preload x planned tiles, and two rows per pass (which ignores the preload choice) x planned
-// tiles; the gated backward planned tiles; the gated forward and JVP the rows layout x the cache hint. The general
+// LayerNorm backward preload x planned tiles, two rows per pass and a block of warps per row (both ignore the
+// preload choice) x planned tiles; the gated backward planned tiles; the gated forward and JVP the rows layout x the cache hint. The general
 // kernels are a candidate everywhere (for the gated forward and JVP they are kAuto's flat kernels).
 std::vector<int> tune_candidates(TunedOp op, int fallback) {
   using namespace fast;
@@ -740,7 +740,7 @@ std::vector<int> tune_candidates(TunedOp op, int fallback) {
     case TunedOp::LnModJvp: add({kAuto, kAuto | kWideJvp, kGeneral}); break;
     case TunedOp::LnModBwd:
       add({kNoPreload, kPreload, kNoPreload | kPlannedTiles, kPreload | kPlannedTiles, kAuto | kTwoRows,
-           kAuto | kTwoRows | kPlannedTiles, kGeneral});
+           kAuto | kTwoRows | kPlannedTiles, kAuto | kWideBwd, kAuto | kWideBwd | kPlannedTiles, kGeneral});
       break;
     case TunedOp::GatedBwd: add({kAuto, kAuto | kPlannedTiles, kGeneral}); break;
     case TunedOp::GatedFwd:

@@ -15,8 +15,9 @@
 // shared memory under a 64-thread named barrier. Column sums accumulate in shared memory (per slot; registers
 // would cost most of the register file) and are reduced over the slots in a fixed order (no atomics): written as
 // the result when a sample is one tile, else as per-tile partials summed by the general path's colsum kernel.
-// The backward needs up to 144 KiB of shared memory per block (dual layer, D = 2048): on a card with less it says
-// kNotApplicable and the launcher runs the general kernel.
+// (kWideBwd: the LayerNorm backward with a row per group of warps and the column sums in registers, see below.)
+// The pair kernels need up to 144 KiB of shared memory per block (dual layer, D = 2048): on a card with less they
+// say kNotApplicable and the launcher runs the general kernel.
 #pragma once
 #include "rowwise.h"
 
@@ -58,7 +59,13 @@ constexpr int kTuned = 32;
 //     registers (the flat kernel reloads it from L2 for every 8 elements and divides a 64-bit index per vector);
 //   kStreaming: the once-read operands loaded, and the outputs stored, with the evict-first cache hint.
 constexpr int kGatedRows = 64, kStreaming = 128;
-constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows | kTuned | kGatedRows | kStreaming;
+// kWideBwd: the LayerNorm backward with a block of ceil(D / 256) warps per row, one 8-column chunk per thread, so
+//   that the column sums and (1 + scale) fit in registers (no shared-memory traffic per row but the row sums'
+//   exchange; no dynamic shared memory, so it runs where the pair kernels do not fit), one row at a time with the
+//   next row's loads in flight whatever the base's preload choice; takes precedence over kTwoRows; in the kernels
+//   that ptxas fits in registers (spills at most kSpillSlack bytes; else the pair kernels).
+constexpr int kWideBwd = 256;
+constexpr int kOptionMask = kWideJvp | kPlannedTiles | kTwoRows | kTuned | kGatedRows | kStreaming | kWideBwd;
 // The process-wide default (set_cuda_fast_path changes it): measured per key where possible, else kAuto.
 constexpr int kDefaultVariant = kAuto | kTuned;
 inline bool valid_variant(int v) { return v >= 0 && (v & ~(kBaseMask | kOptionMask)) == 0; }

@@ -1,8 +1,9 @@
 // Fast path, backward of LayerNorm (no affine) + adaLN modulate and of the gated residual: a block per (sample,
 // tile of rows), a warp pair per row, kBwdSlots rows at a time, the next row's loads issued before this row's
-// reductions (see rowwise_fast.h). A sample that is one tile gets its column sums written here; otherwise the
-// kernels write per-tile partials that rowwise_cuda.cu's colsum kernel finishes. Formulas as in rowwise_cuda.cu's
-// general kernels. No torch headers.
+// reductions (see rowwise_fast.h); with kWideBwd the LayerNorm backward instead runs a block of warps per row with
+// its column sums in registers (ln_mod_bwd_wide). A sample that is one tile gets its column sums written here;
+// otherwise the kernels write per-tile partials that rowwise_cuda.cu's colsum kernel finishes. Formulas as in
+// rowwise_cuda.cu's general kernels. No torch headers.
 #include <map>
 #include <mutex>
 #include <type_traits>
@@ -37,6 +38,21 @@ void with_nc(int64_t nc, F&& f) {
   else if (nc == 2) f(std::integral_constant<int, 2>{});
   else if (nc == 3) f(std::integral_constant<int, 3>{});
   else f(std::integral_constant<int, 4>{});
+}
+
+// G = warps per row of the wide backward (8 columns a thread): 1..8 (D <= 2048).
+template <typename F>
+void with_groups(int64_t g, F&& f) {
+  switch (g <= 1 ? 1 : g >= 8 ? 8 : int(g)) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
 }
 
 // The barrier of slot `slot`'s warp pair (ids 1..kBwdSlots, literal: the switch is warp-uniform).
@@ -374,6 +390,131 @@ __global__ void __launch_bounds__(kBlock, 2)
   write_tile_sums<TM, 2 * NMOD, NC>(acc0, partial, sums, N, n, tile, gridDim.y, D);
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// The same backward, kWideBwd layout: a block of G = ceil(D / 256) warps per row, one 8-column chunk per thread
+// (chunks past D idle); the column sums and (1 + scale) live in registers (2 NMOD + NMOD vectors of 8 per thread:
+// affordable at one chunk per thread), so the row loop touches shared memory only for the G warps' row sums, and
+// concurrency comes from several blocks per SM. The next row's loads are issued before this row's reductions. At
+// the end each thread writes its columns' sums: the result (a sample in one tile) or this tile's partials. Per row
+// the formulas of ln_mod_bwd_pair:
+//   g = sum_k gy_k (1 + scale_k),  gx = rstd (g - sum_D(g) / D - n sum_D(g n) / D),
+//   gshift_k = sum_t gy_k,  gscale_k = sum_t gy_k n.
+// ---------------------------------------------------------------------------------------------------------------
+template <int G>
+constexpr int wide_threads() {
+  return G * 32;
+}
+
+// Blocks per SM that __launch_bounds__ asks room for: about 16 warps per SM, as the pair kernels (16 / G blocks:
+// registers capped at 128 for G = 1, 2, 4, 8; about 136 at G = 3 and 5, 15 warps; 144-168 at G = 6, 7).
+template <int G>
+constexpr int wide_min_blocks() {
+  return 16 / G > 1 ? 16 / G : 1;
+}
+
+// One row's operands for one thread of the wide layout, as loaded; rows past the sample's end (or a chunk past D)
+// load as zeros with mean = rstd = 0, adding nothing.
+template <typename TX, typename TM, int NMOD>
+struct WideRow {
+  Raw8<TM> gy[NMOD];
+  Raw8<TX> x;
+  float mu, rs;
+  __device__ __forceinline__ void load(const TM* __restrict__ gy0, const TM* __restrict__ gy1,
+                                       const TX* __restrict__ xp, const float* __restrict__ mean,
+                                       const float* __restrict__ rstd, int64_t row, bool live_row, bool live_col,
+                                       int c, int D) {
+    mu = live_row ? __ldg(mean + row) : 0.f;
+    rs = live_row ? __ldg(rstd + row) : 0.f;
+    if (live_row && live_col) {
+      gy[0].load(gy0 + row * D + c);
+      if constexpr (NMOD == 2) gy[1].load(gy1 + row * D + c);
+      x.load(xp + row * D + c);
+    } else {
+#pragma unroll
+      for (int m = 0; m < NMOD; ++m) gy[m].zero();
+      x.zero();
+    }
+  }
+};
+
+template <typename TX, typename TM, int G, int NMOD>
+__global__ void __launch_bounds__(wide_threads<G>(), wide_min_blocks<G>())
+    ln_mod_bwd_wide(const TM* __restrict__ gy0, const TM* __restrict__ gy1, const TX* __restrict__ x,
+                    const float* __restrict__ mean, const float* __restrict__ rstd, const TM* __restrict__ sc0,
+                    int64_t s0, const TM* __restrict__ sc1, int64_t s1, TX* __restrict__ gx,
+                    float* __restrict__ partial, const SumPtrs sums, int64_t N, int64_t T, int D, int tile_rows) {
+  __shared__ float rsum[2][G][2];  // [row parity][warp][sum g, sum g n]
+  const int wg = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int c = threadIdx.x * VEC;
+  const bool live_col = c < D;
+  const int64_t n = blockIdx.x, tile = blockIdx.y;  // N on x: no 65535 limit
+
+  float op[NMOD][VEC];  // 1 + scale_k of this thread's columns
+#pragma unroll
+  for (int m = 0; m < NMOD; ++m) {
+    if (live_col) load8((m == 0 ? sc0 + n * s0 : sc1 + n * s1) + c, op[m]);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) op[m][j] = live_col ? op[m][j] + 1.f : 1.f;
+  }
+  float acc[2 * NMOD][VEC];  // shift_0.., scale_0..
+#pragma unroll
+  for (int a = 0; a < 2 * NMOD; ++a)
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) acc[a][j] = 0.f;
+
+  const int64_t t0 = tile * tile_rows;
+  const int iters = int(T - t0 < tile_rows ? T - t0 : tile_rows);  // the same on every thread: uniform barriers
+  WideRow<TX, TM, NMOD> cur, nxt;
+  cur.load(gy0, gy1, x, mean, rstd, n * T + t0, iters > 0, live_col, c, D);
+#pragma unroll 1
+  for (int it = 0; it < iters; ++it) {
+    const int64_t row = n * T + t0 + it;
+    if (it + 1 < iters) nxt.load(gy0, gy1, x, mean, rstd, row + 1, true, live_col, c, D);
+    float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) {
+      const float nv = (cur.x[j] - cur.mu) * cur.rs;
+      float g = 0.f;
+#pragma unroll
+      for (int m = 0; m < NMOD; ++m) {
+        const float gy = cur.gy[m][j];
+        g += gy * op[m][j];
+        acc[m][j] += gy;
+        acc[NMOD + m][j] += gy * nv;
+      }
+      a0 += g, a1 += g * nv;
+    }
+    a0 = warp_sum(a0);
+    a1 = warp_sum(a1);
+    float(*sp)[2] = rsum[it & 1];  // double-buffered: one barrier per row is enough
+    if (lane == 0) sp[wg][0] = a0, sp[wg][1] = a1;
+    __syncthreads();
+    float r0 = 0.f, r1 = 0.f;  // over the warps in a fixed order: the same on every thread
+#pragma unroll
+    for (int w = 0; w < G; ++w) r0 += sp[w][0], r1 += sp[w][1];
+    const float m0 = r0 / D, m1 = r1 / D;
+    if (live_col) {  // g and n again from the loaded row: arrays held across the barrier cost registers
+      float o[VEC];
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) {
+        float g = 0.f;
+#pragma unroll
+        for (int m = 0; m < NMOD; ++m) g += cur.gy[m][j] * op[m][j];
+        o[j] = cur.rs * (g - m0 - (cur.x[j] - cur.mu) * cur.rs * m1);
+      }
+      store8(gx + row * D + c, o);
+    }
+    if (it + 1 < iters) cur = nxt;
+  }
+  if (!live_col) return;
+  const int64_t n_tiles = gridDim.y;  // 16-byte stores: the sums are (N, D) and the partials (.., D) rows, D % 8 == 0
+#pragma unroll
+  for (int a = 0; a < 2 * NMOD; ++a) {
+    if (n_tiles == 1) store8(static_cast<TM*>(sums.p[a]) + n * D + c, acc[a]);
+    else store8(partial + ((a * N + n) * n_tiles + tile) * D + c, acc[a]);
+  }
+}
+
 // Backward of out = x + g h:  gx = gout (no kernel),  gh = gout g,  gg = sum_t gout h  (partials per tile)
 template <typename TX, typename TM, int NC>
 struct GatedRow {
@@ -452,11 +593,12 @@ __global__ void __launch_bounds__(kBlock, 2)
   write_tile_sums<TM, 1, NC>(acc0, partial, sums, N, n, tile, gridDim.y, D);
 }
 
-// Blocks of `kernel` resident at once on the current device (SMs x blocks per SM at `smem` bytes of dynamic shared
-// memory), cached per (kernel, device); 0 when the query fails (its error cleared). Call after launch_attr (the
-// kernel's shared-memory opt-in).
+// Blocks of `kernel` resident at once on the current device (SMs x blocks per SM of `threads` threads at `smem` bytes
+// of dynamic shared memory), cached per (kernel, device): every kernel is launched with one block size and one
+// shared-memory size; 0 when the query fails (its error cleared). Call after launch_attr (the kernel's shared-memory
+// opt-in).
 template <typename K>
-int64_t resident_blocks(K kernel, size_t smem) {
+int64_t resident_blocks(K kernel, size_t smem, int threads) {
   static std::mutex mu;
   static std::map<std::pair<const void*, int>, int64_t> cache;
   int dev = 0;
@@ -472,7 +614,7 @@ int64_t resident_blocks(K kernel, size_t smem) {
   }
   int sms = 0, per_sm = 0;
   if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, smem) != cudaSuccess) {
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
@@ -483,12 +625,12 @@ int64_t resident_blocks(K kernel, size_t smem) {
 }
 
 // The tiling of one backward launch: kBwdTileRows rows per block, or with kPlannedTiles bwd_tile_plan over the
-// blocks of `kernel` resident at once (kBwdTileRows when that is unknown).
+// blocks of `kernel` (`threads` each) resident at once (kBwdTileRows when that is unknown).
 template <typename K>
-TilePlan tile_plan(K kernel, size_t smem, Shape s, int variant) {
+TilePlan tile_plan(K kernel, size_t smem, Shape s, int variant, int threads = kBlock) {
   const TilePlan fixed{kBwdTileRows, ceil_div(s.T, kBwdTileRows)};
   if (!(variant & kPlannedTiles)) return fixed;
-  const int64_t slots = resident_blocks(kernel, smem);
+  const int64_t slots = resident_blocks(kernel, smem, threads);
   return slots > 0 ? bwd_tile_plan(s.N, s.T, slots) : fixed;
 }
 
@@ -511,6 +653,28 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
     const int64_t st0 = scale_strides[0], st1 = scale_strides[nmod - 1];
     const TX* xp = static_cast<const TX*>(x);
     TX* gxp = static_cast<TX*>(gx);
+    // kWideBwd (taking precedence over kTwoRows) where that kernel fits in registers (spills at most kSpillSlack
+    // bytes), else the pair kernels below
+    if (variant & kWideBwd) {
+      bool done = false;
+      with_groups(ceil_div(s.D, 32 * VEC), [&](auto g) {
+        constexpr int G = decltype(g)::value;
+        static const bool wide2_fits = spills_at_most(kSpillSlack, ln_mod_bwd_wide<TX, TM, G, 2>);
+        static const bool wide1_fits = spills_at_most(kSpillSlack, ln_mod_bwd_wide<TX, TM, G, 1>);
+        if (!(nmod == 2 ? wide2_fits : wide1_fits)) return;
+        auto kernel = nmod == 2 ? ln_mod_bwd_wide<TX, TM, G, 2> : ln_mod_bwd_wide<TX, TM, G, 1>;
+        const size_t smem = 0;
+        done = true;
+        err = launch_attr(kernel, smem);
+        if (err != 0) return;
+        const TilePlan plan = tile_plan(kernel, smem, s, variant, wide_threads<G>());
+        *tiles = plan.tiles;
+        const dim3 grid(unsigned(s.N), unsigned(plan.tiles));
+        DUMO_LAUNCH(grid, wide_threads<G>(), smem, st, kernel)(g0, g1, xp, mean, rstd, c0, st0, c1, st1, gxp,
+                                                               partial, out, s.N, s.T, int(s.D), int(plan.rows));
+      });
+      if (done) return;
+    }
     with_nc(ceil_div(s.D, kPairThreads * VEC), [&](auto nc) {
       constexpr int NC = decltype(nc)::value;
       auto launch = [&](auto kernel, size_t smem) {

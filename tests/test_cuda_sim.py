@@ -46,8 +46,9 @@ def sim():
 
 # kernel variants (csrc/rowwise_fast.h): 0 general kernels, 1 automatic, 2 / 3 without / with the next row's loads in
 # flight; option bits 4 wide JVP, 8 planned backward tiles, 16 two rows per pass in the LayerNorm backward, 64 the
-# gated residual's rows layout, 128 its cache-streaming hints
-VARIANTS = [0, 1, 2, 3, 2 | 4 | 8 | 64, 1 | 16 | 128, 1 | 8 | 16, 3 | 4 | 8 | 16 | 64 | 128]
+# gated residual's rows layout, 128 its cache-streaming hints, 256 the LayerNorm backward with a block of warps per
+# row (taking precedence over 16)
+VARIANTS = [0, 1, 2, 3, 2 | 4 | 8 | 64, 1 | 16 | 128, 1 | 8 | 16, 3 | 4 | 8 | 16 | 64 | 128, 1 | 256, 2 | 8 | 16 | 256]
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 DTYPES_ALL = [(F32, F32), (BF16, BF16), (F16, F16), (F32, BF16), (F32, F16)]
 DTYPES_TRAIN = [(F32, BF16), (BF16, BF16)]
@@ -128,7 +129,7 @@ def test_cuda_path_matches_cpu_twin(sim, shape, tx, tm, variant):
 
 
 @pytest.mark.parametrize("sms,per_sm", [(1, 1), (4, 2), (64, 2)])
-@pytest.mark.parametrize("variant", [1 | 8, 3 | 8, 1 | 8 | 16])
+@pytest.mark.parametrize("variant", [1 | 8, 3 | 8, 1 | 8 | 16, 1 | 8 | 256])
 def test_planned_tiles_on_emulated_cards(sim, sms, per_sm, variant):
     """Planned backward tiles on cards of 1, 8 and 128 resident blocks: a sample per block with T > 64 (the kernel
     writes the column sums), and several tiles of other than 64 rows (partials + the column-sum kernel). The launch
@@ -147,8 +148,9 @@ def test_planned_tiles_on_emulated_cards(sim, sms, per_sm, variant):
             for k in ("gx", "gshift", "gscale", "dual_gx", "gshift_v", "gshift_u", "gscale_v", "gscale_u", "gh", "gg"):
                 close(k, got[k], want[k])
             tiles = C.bwd_tile_plan(N, T, sms * per_sm)[1]
-            bwd = [grid for name, grid in log if "_bwd_pair" in name]
+            bwd = [grid for name, grid in log if "_bwd_pair" in name or "_bwd_wide" in name]
             assert len(bwd) == 3 and all(g == (N, tiles, 1) for g in bwd), (tiles, log)
+            assert sum("_bwd_wide" in name for name, _ in log) == (2 if variant & 256 else 0), log
             assert sum("colsum_kernel" in name for name, _ in log) == (3 if tiles > 1 else 0), (tiles, log)
     finally:
         sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
@@ -156,11 +158,12 @@ def test_planned_tiles_on_emulated_cards(sim, sms, per_sm, variant):
 
 @pytest.mark.parametrize("smem_kib", [48, 100])
 def test_backward_falls_back_when_shared_memory_is_short(sim, smem_kib):
-    """A card whose per-block shared memory cannot hold a fast backward's column sums (the dual layer needs 110 KiB
-    at D = 1152, 144 KiB at D = 2048) gets the general kernel: same results, no error."""
+    """A card whose per-block shared memory cannot hold the warp-pair backward's column sums (the dual layer needs
+    110 KiB at D = 1152, 144 KiB at D = 2048) gets the general kernel, or with bit 256 the wide backward (column sums
+    in registers, no dynamic shared memory): same results, no error."""
     sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=smem_kib * 1024, local_bytes=0)
     try:
-        for variant in (1, 1 | 8 | 16):
+        for variant in (1, 1 | 8 | 16, 1 | 256):
             sim.cuda_fast_path(variant)
             for shape in [(2, 9, 1152), (1, 5, 2048)]:
                 d = operands(shape, BF16, BF16)
@@ -175,15 +178,15 @@ def test_backward_falls_back_when_shared_memory_is_short(sim, smem_kib):
 def test_preload_choice_follows_reported_spills(sim, spill):
     """kAuto holds the next row in registers only in kernels that spill at most 16 bytes (read once per kernel and
     process, so each case runs in a fresh process configured before its first launch): with every kernel reporting
-    100 spilled bytes it takes the one-row kernels, with 0 the preloading ones (and the two-rows option applies only
-    at 0); the results are the CPU twin's either way."""
+    100 spilled bytes it takes the one-row kernels, with 0 the preloading ones (and the two-rows and wide-backward
+    options apply only at 0); the results are the CPU twin's either way."""
     code = f"""
 import sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 import test_cuda_sim as t, cuda_sim_build
 sim = cuda_sim_build.build()
 sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes={spill})
-for v in (1, 1 | 16):
+for v in (1, 1 | 16, 1 | 256):
     sim.cuda_fast_path(v)
     d = t.operands((2, 70, 768), t.F32, t.BF16)
     want, got = t.run_all(t.C, d), t.run_all(sim, d)
@@ -216,7 +219,7 @@ def test_emulator_checks_itself(sim):
 
 
 @pytest.mark.parametrize("order", [1, 2, 3])
-@pytest.mark.parametrize("variant", [0, 1, 3 | 4 | 8 | 16 | 64 | 128])
+@pytest.mark.parametrize("variant", [0, 1, 3 | 4 | 8 | 16 | 64 | 128, 1 | 8 | 256])
 def test_other_scheduling_orders(sim, order, variant):
     """Fibers switch only at barriers and shuffles, so the order in which runnable threads go next decides which
     unsynchronised shared-memory orderings a run sees: reverse and greedy orders expose a missing barrier or a
@@ -276,9 +279,10 @@ def _launched(sim, names):
 def test_each_variant_runs_its_kernels(sim):
     """The launch log names the kernels each call ran, so no variant can pass by silently falling back: the general
     kernels only under 0, the warp-per-row forward and warp-pair backward under 1, the wide JVP with bit 4, the
-    two-row backward with bit 16, a sample per block without the column-sum kernel with bit 8 where the plan says
-    one tile, the general backward when shared memory is short, the general kernels for odd D, and the gated
-    forward and JVP by rows with bit 64 and with the cache hint with bit 128 (neither under base 0)."""
+    two-row backward with bit 16, the backward with a block of warps per row with bit 256 (before 16, and where
+    shared memory is short: it needs none), a sample per block without the column-sum kernel with bit 8 where the
+    plan says one tile, the general backward when shared memory is short, the general kernels for odd D, and the
+    gated forward and JVP by rows with bit 64 and with the cache hint with bit 128 (neither under base 0)."""
     names = _kernel_names(sim)
     sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
 
@@ -318,6 +322,12 @@ def test_each_variant_runs_its_kernels(sim):
         assert log[0][1] == (2, 2, 1)
         assert kernels(ran(2, (2, 70, 384), "bwd"))[0] == "ln_mod_bwd_pair<float, __nv_bfloat16, 1, 1, false>"
         assert kernels(ran(1 | 16, (2, 70, 384), "dual"))[0] == "ln_mod_bwd_pair2<float, __nv_bfloat16, 1, 2>"
+        log = ran(1 | 256, (2, 70, 384), "bwd")  # a block of 2 warps per row (D = 384), 64-row tiles
+        assert kernels(log) == ["ln_mod_bwd_wide<float, __nv_bfloat16, 2, 1>", "colsum_kernel<__nv_bfloat16>"]
+        assert log[0][1] == (2, 2, 1)
+        assert kernels(ran(1 | 16 | 256, (2, 70, 384), "dual"))[0] == "ln_mod_bwd_wide<float, __nv_bfloat16, 2, 2>"
+        log = ran(1 | 8 | 256, (8, 130, 64), "bwd")  # one warp per row; a sample per block, no column-sum kernel
+        assert kernels(log) == ["ln_mod_bwd_wide<float, __nv_bfloat16, 1, 1>"] and log[0][1] == (8, 1, 1)
         assert C.bwd_tile_plan(8, 130, 8) == [132, 1]  # the emulated card: 4 SMs x 2 blocks
         log = ran(1 | 8, (8, 130, 64), "bwd")  # a sample per block: column sums written by the kernel
         assert kernels(log) == ["ln_mod_bwd_pair<float, __nv_bfloat16, 1, 1, true>"] and log[0][1] == (8, 1, 1)
@@ -348,8 +358,35 @@ def test_each_variant_runs_its_kernels(sim):
         sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=100 * 1024, local_bytes=0)
         assert kernels(ran(1, (2, 9, 1152), "dual"))[0].startswith("ln_mod_bwd_kernel<")  # 110 KiB > 100 KiB
         assert kernels(ran(1, (2, 9, 1152), "bwd"))[0].startswith("ln_mod_bwd_pair<")  # 55 KiB fits
+        assert kernels(ran(1 | 256, (2, 9, 1152), "dual"))[0] == "ln_mod_bwd_wide<float, __nv_bfloat16, 5, 2>"
     finally:
         sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+
+
+@pytest.mark.parametrize("variant", [1 | 256, 2 | 8 | 256])
+def test_wide_backward_across_tiles(sim, variant):
+    """The wide LayerNorm backward (bit 256) where a sample spans tiles at 5 and 8 warps per row (DiT-XL/2's D =
+    1152, and D = 2048): one and two modulations against the CPU twin, with partials and the column-sum kernel."""
+    names = _kernel_names(sim)
+    sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+    sim.cuda_fast_path(variant)
+    for shape, (tx, tm), g in [((2, 70, 1152), (BF16, BF16), 5), ((1, 70, 2048), (F32, BF16), 8)]:
+        d = operands(shape, tx, tm, seed=g)
+        sv, cv, su, cu = d["mods"][:4]
+        for gys, sc in (([d["gy"]], [cv]), ([d["gy"], d["gy2"]], [cv, cu])):
+            mods = ([sv], [cv]) if len(gys) == 1 else ([sv, su], [cv, cu])
+            stats = C.ln_mod_fwd(d["x"], *mods, 1e-6)[-2:]
+            want = C.ln_mod_bwd(gys, d["x"], *stats, sc)
+            sim.sim_launches()
+            got = sim.ln_mod_bwd(gys, d["x"], *stats, sc)
+            log = _launched(sim, names)
+            for i, (a, b) in enumerate(zip(got, want)):
+                close(f"{shape} nmod={len(gys)} out {i}", a, b)
+            tiles = C.bwd_tile_plan(shape[0], 70, 8)[1] if variant & 8 else 2
+            kern = [grid for name, grid in log if f"ln_mod_bwd_wide<{'float' if tx == F32 else '__nv_bfloat16'}, "
+                    f"__nv_bfloat16, {g}, {len(gys)}>" in name]
+            assert kern == [(shape[0], tiles, 1)], log
+            assert sum("colsum_kernel" in name for name, _ in log) == (tiles > 1), log
 
 
 def test_tuned_variant_matches_its_choice(sim):
@@ -455,11 +492,20 @@ def test_tuned_variant_runs_the_fastest_candidate(sim):
         _, mean2, rstd2 = sim.ln_mod_fwd(d["x"], [sv, su], [cv, cu], 1e-6)[1:]
         sim.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean2, rstd2, [cv, cu])
         r = _record(sim, "ln_mod_bwd")
-        assert r["candidates"] == [1, 2, 3, 2 | 8, 3 | 8, 1 | 16, 1 | 8 | 16, 0], r
-        assert r["ms"] == [2.0, 2.0, 2.0, 2.0, 2.0, 1.25, 1.25, 2.0] and r["variant"] == 1 | 16, r  # tie: first
+        assert r["candidates"] == [1, 2, 3, 2 | 8, 3 | 8, 1 | 16, 1 | 8 | 16, 1 | 256, 1 | 8 | 256, 0], r
+        assert r["ms"] == [2.0] * 5 + [1.25, 1.25] + [2.0] * 3 and r["variant"] == 1 | 16, r  # tie: first
         sim.sim_launches()
         sim.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean2, rstd2, [cv, cu])
         assert sim.sim_launches()[0][0] == two
+        wide_bwd = _offset(names, "ln_mod_bwd_wide<float, __nv_bfloat16, 2, 2>")
+        sim.sim_kernel_cost(wide_bwd, 0.125)  # now the dual backward with a block of warps per row is cheapest
+        sim.cuda_tune_reset()
+        sim.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean2, rstd2, [cv, cu])
+        r = _record(sim, "ln_mod_bwd")
+        assert r["ms"][-3:] == [1.125, 1.125, 2.0] and r["variant"] == 1 | 256, r
+        sim.sim_launches()
+        sim.ln_mod_bwd([d["gy"], d["gy2"]], d["x"], mean2, rstd2, [cv, cu])
+        assert sim.sim_launches()[0][0] == wide_bwd
 
         sim.sim_kernel_cost("", 0)  # every launch 1 ms again: at N = 8, T = 130 on 8 slots planned tiles put a
         e = operands((8, 130, 64), F32, BF16)  # sample per block and save the column-sum launch

@@ -27,10 +27,11 @@ CASES = [("cpp", "cpu")]
 # candidates on its first call), the general kernels only, the automatic fast path unmeasured (1), without and with
 # the next row's loads in flight, and the option bits (4: the JVP with four warps per row; 8: backward tiles planned
 # for the card; 16: two rows per pass in the LayerNorm backward; 64 / 128: the gated residual's rows layout / cache
-# hints) (csrc/rowwise_fast.h).
+# hints; 256: the LayerNorm backward with a block of warps per row, column sums in registers) (csrc/rowwise_fast.h).
 CUDA_VARIANTS = {"cuda": -1, "cuda-general": 0, "cuda-auto": 1, "cuda-nopreload": 2, "cuda-preload": 3,
                  "cuda-nopreload-wide-planned-rows": 2 | 4 | 8 | 64, "cuda-tworows-streaming": 1 | 16 | 128,
-                 "cuda-tworows-planned-rows-streaming": 1 | 8 | 16 | 64 | 128}
+                 "cuda-tworows-planned-rows-streaming": 1 | 8 | 16 | 64 | 128, "cuda-widebwd": 1 | 256,
+                 "cuda-nopreload-planned-tworows-widebwd": 2 | 8 | 16 | 256}
 if HAS_CUDA:
     CASES += [pytest.param(v, "cuda", marks=pytest.mark.gpu) for v in CUDA_VARIANTS]
     CASES += [pytest.param("triton", "cuda", marks=pytest.mark.gpu)]
@@ -416,13 +417,14 @@ def test_bwd_tile_plan_examples_and_errors():
 
 def check_variant_switch(m):
     """m.cuda_fast_path (a CUDA build of the extension, or the emulator build in test_cuda_sim.py) rejects values
-    outside base 0..3 + option bits 4 | 8 | 16 | 32 | 64 | 128, naming them, and sets and restores a valid one."""
+    outside base 0..3 + option bits 4 | 8 | 16 | 32 | 64 | 128 | 256, naming them, and sets and restores a valid
+    one."""
     prev = m.cuda_fast_path()
     try:
-        for bad in (-2, 256, 1 | 256, 300):
+        for bad in (-2, 512, 1 | 512, 600):
             with pytest.raises(RuntimeError, match=rf"variant must be -1 \(query\) or a base choice.*got {bad}"):
                 m.cuda_fast_path(bad)
-        assert m.cuda_fast_path(1 | 4 | 8 | 16 | 32) == prev and m.cuda_fast_path() == 1 | 4 | 8 | 16 | 32
+        assert m.cuda_fast_path(1 | 4 | 8 | 16 | 32 | 256) == prev and m.cuda_fast_path() == 1 | 4 | 8 | 16 | 32 | 256
     finally:
         m.cuda_fast_path(prev)
     assert m.cuda_fast_path() == prev
@@ -535,7 +537,8 @@ def test_planned_tiles_match_fixed_tiles(N, T, D):
     res = {}
     try:
         variants = (("general", 0), ("fixed", 1), ("planned", 1 | 8), ("fixed-preload", 3), ("planned-preload", 3 | 8),
-                    ("fixed-tworows", 1 | 16), ("planned-tworows", 1 | 8 | 16))
+                    ("fixed-tworows", 1 | 16), ("planned-tworows", 1 | 8 | 16), ("fixed-wide", 1 | 256),
+                    ("planned-wide", 1 | 8 | 256))
         for name, v in variants:
             C.cuda_fast_path(v)
             leaves = [t.detach().clone().requires_grad_(True) for t in (x, sv, cv, su, cu, h)]
@@ -545,10 +548,10 @@ def test_planned_tiles_match_fixed_tiles(N, T, D):
     finally:
         C.cuda_fast_path(prev)
     for planned, fixed in (("planned", "fixed"), ("planned-preload", "fixed-preload"),
-                           ("planned-tworows", "fixed-tworows")):
+                           ("planned-tworows", "fixed-tworows"), ("planned-wide", "fixed-wide")):
         for i in (0, 5):  # gx, gh: no column sums in them
             assert torch.equal(res[planned][i], res[fixed][i]), (planned, i)
-    for name in ("fixed", "planned", "fixed-preload", "planned-preload", "fixed-tworows", "planned-tworows"):
+    for name, _ in variants[1:]:
         for i, (a, b) in enumerate(zip(res[name], res["general"])):
             e = err(a, b)
             if i in (0, 5):
