@@ -286,15 +286,22 @@ int ln_mod_jvp(const void* x, const float* x_dot, const float* mean, const float
                                                 static_cast<const TM*>(scale_dot), scale_dot_stride,
                                                 static_cast<TY*>(y_dot), R, s.T, int(s.D));
       };
-      if (wide) {
+      auto run_wide = [&] {
         const dim3 grid(unsigned(ceil_div(R, kWideRows))), block(kWideRows * kWideThreads);
         if (s.D <= kWideThreads * VEC) args(ln_mod_jvp_wide<TX, TM, TY, 1>, grid, block);
         else args(ln_mod_jvp_wide<TX, TM, TY, 2>, grid, block);  // D <= kFastMaxHidden = 2 * 128 * 8
+      };
+      if (wide) {
+        run_wide();
       } else {
         const dim3 grid(unsigned(ceil_div(R, kRowWarps))), block(kRowWarps * 32);
         with_nc(ceil_div(s.D, 32 * VEC), [&](auto nc) {
           constexpr int NC = decltype(nc)::value;
-          args(ln_mod_jvp_warp<TX, TM, TY, NC>, grid, block);
+          // kAuto: the warp-per-row kernel where ptxas fitted it in registers (spills at most kSpillSlack bytes;
+          // NC = 8, D > 1536, does not), else the wide JVP; the explicit bases run the warp kernel regardless
+          static const bool fits = spills_at_most(kSpillSlack, ln_mod_jvp_warp<TX, TM, TY, NC>);
+          if ((variant & kBaseMask) == kAuto && !fits) run_wide();
+          else args(ln_mod_jvp_warp<TX, TM, TY, NC>, grid, block);
         });
       }
     };

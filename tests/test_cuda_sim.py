@@ -179,7 +179,8 @@ def test_preload_choice_follows_reported_spills(sim, spill):
     """kAuto holds the next row in registers only in kernels that spill at most 16 bytes (read once per kernel and
     process, so each case runs in a fresh process configured before its first launch): with every kernel reporting
     100 spilled bytes it takes the one-row kernels, with 0 the preloading ones (and the two-rows and wide-backward
-    options apply only at 0); the results are the CPU twin's either way."""
+    options apply only at 0); its JVP is the wide layout at 100 and the warp-per-row kernel at 0 (the explicit
+    base 3 runs the warp kernel either way); the results are the CPU twin's either way."""
     code = f"""
 import sys
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
@@ -192,10 +193,24 @@ for v in (1, 1 | 16, 1 | 256):
     want, got = t.run_all(t.C, d), t.run_all(sim, d)
     for k in want:
         t.close(k, got[k], want[k])
+names = t._kernel_names(sim)
+for v in (1, 3):
+    sim.cuda_fast_path(v)
+    d = t.operands((1, 3, 2048), t.F32, t.BF16)
+    _, mean, rstd = sim.ln_mod_fwd(d["x"], [d["mods"][0]], [d["mods"][1]], 1e-6)
+    sim.sim_launches()
+    got = sim.ln_mod_jvp(d["x"], d["x_dot"], mean, rstd, d["mods"][1], d["mods_dot"][0], d["mods_dot"][1], True)
+    t.close("jvp", got, t.C.ln_mod_jvp(d["x"], d["x_dot"], mean, rstd, d["mods"][1], d["mods_dot"][0],
+                                       d["mods_dot"][1], True))
+    ks = [n for n, _ in t._launched(sim, names)]
+    kind = [k for k in ("wide", "warp") if ks and all(f"ln_mod_jvp_{{k}}<" in n for n in ks)]
+    print("JVP", v, kind[0] if kind else repr(ks))
 print("ok")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok"), res.stderr[-3000:]
+    jvp = dict(line.split()[1:] for line in res.stdout.splitlines() if line.startswith("JVP"))
+    assert jvp == {"1": "wide" if spill else "warp", "3": "warp"}, res.stdout
 
 
 def test_cuda_only_checks_and_variant_switch(sim):
