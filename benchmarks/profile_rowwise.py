@@ -10,8 +10,9 @@ registers, stalls, DRAM throughput) rather than how fast it is.
 Each op runs --warmup times and then --repeat times inside an NVTX range named after it (nsys / ncu --nvtx).
 --variant picks dumo_engine._C.cuda_fast_path (0 general kernels, 1 automatic, 2 / 3 fast path without / with the
 next row's loads in flight; plus 4 for the JVP with four warps per row, 8 for backward tiles planned for the card,
-16 for two rows per pass in the LayerNorm backward; 32, the build's tuned default, would add its measuring launches
-to the first call). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
+16 for two rows per pass in the LayerNorm backward, 64 / 128 for the gated residual by rows / with cache hints, 256
+for the LayerNorm backward with a block of warps per row; 32, the build's tuned default, would add its measuring
+launches to the first call). --cpu runs the C++ twins instead (a smoke test of this script without a GPU).
 """
 from __future__ import annotations
 

@@ -726,8 +726,9 @@ constexpr size_t kTuneMaxKeys = 4096;  // beyond this many keys, new keys run th
 // The candidates of each op: the variants that change its kernels (the fallback, i.e. the caller's bits without
 // kTuned, goes first; duplicates are dropped). The forward has only the base choices; the JVP the wide layout; the
 // LayerNorm backward preload x planned tiles, two rows per pass and a block of warps per row (both ignore the
-// preload choice) x planned tiles; the gated backward planned tiles; the gated forward and JVP the rows layout x the cache hint. The general
-// kernels are a candidate everywhere (for the gated forward and JVP they are kAuto's flat kernels).
+// preload choice) x planned tiles; the gated backward planned tiles; the gated forward and JVP the rows layout x
+// the cache hint. The general kernels are a candidate everywhere (for the gated forward and JVP they are kAuto's
+// flat kernels).
 std::vector<int> tune_candidates(TunedOp op, int fallback) {
   using namespace fast;
   std::vector<int> c{fallback};

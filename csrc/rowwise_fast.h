@@ -33,8 +33,8 @@ constexpr int kBwdSlots = 4;  // backward: rows in flight per block, a warp pair
 // this row's reductions (two rows of operands in registers); kNoPreload: one row at a time; kAuto: the
 // first where the compiled kernel spills at most kSpillSlack bytes, else the second. The JVP and the gated backward
 // have one register layout each (measured: holding more in registers did not pay); kAuto runs the JVP's wide layout
-// (kWideJvp) where the warp-per-row kernel spills more than kSpillSlack bytes (NC = 8: D > 1536). Benchmarks and tests run every
-// variant.
+// (kWideJvp) where the warp-per-row kernel spills more than kSpillSlack bytes (NC = 8: D > 1536). Benchmarks and
+// tests run every variant.
 constexpr int kGeneral = 0, kAuto = 1, kNoPreload = 2, kPreload = 3;
 constexpr int kBaseMask = 3;
 // Option bits, candidates for the defaults until measured on a GPU (benchmarks/RESULTS.md says which were):

@@ -412,31 +412,6 @@ constexpr int wide_min_blocks() {
   return 16 / G > 1 ? 16 / G : 1;
 }
 
-// One row's operands for one thread of the wide layout, as loaded; rows past the sample's end (or a chunk past D)
-// load as zeros with mean = rstd = 0, adding nothing.
-template <typename TX, typename TM, int NMOD>
-struct WideRow {
-  Raw8<TM> gy[NMOD];
-  Raw8<TX> x;
-  float mu, rs;
-  __device__ __forceinline__ void load(const TM* __restrict__ gy0, const TM* __restrict__ gy1,
-                                       const TX* __restrict__ xp, const float* __restrict__ mean,
-                                       const float* __restrict__ rstd, int64_t row, bool live_row, bool live_col,
-                                       int c, int D) {
-    mu = live_row ? __ldg(mean + row) : 0.f;
-    rs = live_row ? __ldg(rstd + row) : 0.f;
-    if (live_row && live_col) {
-      gy[0].load(gy0 + row * D + c);
-      if constexpr (NMOD == 2) gy[1].load(gy1 + row * D + c);
-      x.load(xp + row * D + c);
-    } else {
-#pragma unroll
-      for (int m = 0; m < NMOD; ++m) gy[m].zero();
-      x.zero();
-    }
-  }
-};
-
 template <typename TX, typename TM, int G, int NMOD>
 __global__ void __launch_bounds__(wide_threads<G>(), wide_min_blocks<G>())
     ln_mod_bwd_wide(const TM* __restrict__ gy0, const TM* __restrict__ gy1, const TX* __restrict__ x,
@@ -464,20 +439,20 @@ __global__ void __launch_bounds__(wide_threads<G>(), wide_min_blocks<G>())
 
   const int64_t t0 = tile * tile_rows;
   const int iters = int(T - t0 < tile_rows ? T - t0 : tile_rows);  // the same on every thread: uniform barriers
-  WideRow<TX, TM, NMOD> cur, nxt;
-  cur.load(gy0, gy1, x, mean, rstd, n * T + t0, iters > 0, live_col, c, D);
+  LnRow<TX, TM, 1, NMOD> cur, nxt;  // one chunk: the pair kernels' loader with this thread's index as its lane
+  load_ln_row(cur, gy0, gy1, x, mean, rstd, n * T + t0, iters > 0, D, int(threadIdx.x));
 #pragma unroll 1
   for (int it = 0; it < iters; ++it) {
     const int64_t row = n * T + t0 + it;
-    if (it + 1 < iters) nxt.load(gy0, gy1, x, mean, rstd, row + 1, true, live_col, c, D);
+    if (it + 1 < iters) load_ln_row(nxt, gy0, gy1, x, mean, rstd, row + 1, true, D, int(threadIdx.x));
     float a0 = 0.f, a1 = 0.f;
 #pragma unroll
     for (int j = 0; j < VEC; ++j) {
-      const float nv = (cur.x[j] - cur.mu) * cur.rs;
+      const float nv = (cur.x[0][j] - cur.mu) * cur.rs;
       float g = 0.f;
 #pragma unroll
       for (int m = 0; m < NMOD; ++m) {
-        const float gy = cur.gy[m][j];
+        const float gy = cur.gy[m][0][j];
         g += gy * op[m][j];
         acc[m][j] += gy;
         acc[NMOD + m][j] += gy * nv;
@@ -499,8 +474,8 @@ __global__ void __launch_bounds__(wide_threads<G>(), wide_min_blocks<G>())
       for (int j = 0; j < VEC; ++j) {
         float g = 0.f;
 #pragma unroll
-        for (int m = 0; m < NMOD; ++m) g += cur.gy[m][j] * op[m][j];
-        o[j] = cur.rs * (g - m0 - (cur.x[j] - cur.mu) * cur.rs * m1);
+        for (int m = 0; m < NMOD; ++m) g += cur.gy[m][0][j] * op[m][j];
+        o[j] = cur.rs * (g - m0 - (cur.x[0][j] - cur.mu) * cur.rs * m1);
       }
       store8(gx + row * D + c, o);
     }

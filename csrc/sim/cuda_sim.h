@@ -4,13 +4,14 @@
 // on machines without a GPU. It checks the algorithm, not the hardware: no timing, no memory-model effects, no
 // compiled SASS (nvcc compile-checks that separately).
 //
-// Model: blocks run one after another (in launch order, or last first under two of the orders below); the threads of a block are cooperative fibers (ucontext) on the calling OS
-// thread, switched only at __syncthreads, named barriers (bar.sync id, count) and warp shuffles, so every run is
-// deterministic; which runnable fiber goes next follows set_order() (forward, reverse, greedy low / high: a missing
-// barrier or a single-buffered exchange shows under some of them). A barrier releases when its count of threads
-// has arrived (__syncthreads: every thread of the block that has not exited); when no thread can run and some are
-// waiting, that is a deadlock and the launch throws, naming the barrier. `__shared__` variables are function
-// statics (one block at a time shares them; not poisoned: the kernels write them before reading), dynamic shared
+// Model: blocks run one after another (in launch order, or last first under two of the orders below); the threads
+// of a block are cooperative fibers (ucontext) on the calling OS thread, switched only at __syncthreads, named
+// barriers (bar.sync id, count) and warp shuffles, so every run is deterministic; which runnable fiber goes next
+// follows set_order() (forward, reverse, greedy low / high: a missing barrier or a single-buffered exchange shows
+// under some of them). A barrier releases when its count of threads has arrived (__syncthreads: every thread of the
+// block that has not exited); when no thread can run and some are waiting, that is a deadlock and the launch
+// throws, naming the barrier. `__shared__` variables are function statics (one block at a time shares them; not
+// poisoned: the kernels write them before reading), dynamic shared
 // memory is one buffer refilled with NaN bytes per block, with a canary past its end. 16-byte accesses are checked
 // for alignment (DUMO_ALIGNED16), launches for their configuration and shared-memory opt-in, and every launch is
 // logged (take_log) so tests can check which kernels a call ran. The CUDA runtime calls the launchers make are
