@@ -194,6 +194,77 @@ def test_export_loads_and_samples_in_one_process(tmp_path):
     assert res.returncode == 2 and "written by a DeepSpeed run (ZeRO-3, 2 ranks)" in res.stderr
 
 
+_BF16_MASTERS = r"""
+import os, sys, torch
+os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+from dumo_engine.config import load_config
+from dumo_engine.distributed import engine as E
+from dumo_engine.train import build_model_from_config
+
+deepspeed = E.init_process_group(torch.device("cpu"))
+cfg = load_config(sys.argv[2], ["--model.name=DiT-tiny", "--train.batch_size=2"])
+for stage in (0, 2):
+    torch.manual_seed(0)
+    model = build_model_from_config(cfg)
+    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
+          "steps_per_print": 10**9}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    be = E.DeepSpeedBackend.__new__(E.DeepSpeedBackend)  # the backend's weight paths on a bf16 engine (CPU runs
+    be.cfg, be.stage, be.rank, be.is_main = cfg, stage, 0, True  # train in fp32, so __init__ never enables bf16)
+    be.engine, be.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+    be.ema = E.ShardedEMA(be.engine.module, stage, be.optimizer)
+    params = [p for p in be.engine.module.parameters()]
+    assert all(p.dtype == torch.bfloat16 for p in params)
+    for _ in range(3):  # a loss on the parameters alone (no forward needed at stages 0-2)
+        loss = sum((p.float() - 0.3).pow(2).sum() for p in params)
+        be.engine.backward(loss)
+        be.engine.step()
+        be.ema.update(0.0)  # decay 0: the EMA is its source
+    model_sd, ema_sd = be.full_state_dicts()
+    rounded = 0
+    for n, p in be.engine.module.named_parameters():
+        master = E.stage0_master(p, be.ema.masters) if stage == 0 else deepspeed.utils.safe_get_full_fp32_param(p)
+        assert master.dtype == torch.float32, (stage, n)
+        assert torch.equal(model_sd[n], master.detach().cpu()), (stage, n, "export is not the fp32 master")
+        assert torch.equal(ema_sd[n], master.detach().cpu()), (stage, n, "EMA is not of the fp32 master")
+        rounded += int(not torch.equal(master.detach().cpu(), p.detach().float().cpu()))
+    assert rounded > 0, (stage, "masters equal their bf16 roundings: the check could not tell them apart")
+    print("stage", stage, type(be.optimizer).__name__, "ok", rounded)
+"""
+
+
+@needs_ds
+def test_bf16_export_and_ema_are_of_the_fp32_masters(tmp_path):
+    """Under bf16 the module's parameters are rounded copies: the EMA and the exported weights must come from
+    DeepSpeed's fp32 masters (ZeRO-0: the unfused optimizer's fp32_groups; ZeRO-2: the flat partitions), bit for bit."""
+    script = tmp_path / "bf16_masters.py"
+    script.write_text(_BF16_MASTERS)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, str(script), str(_port()), RUN[1]], capture_output=True, text=True,
+                         timeout=300, env=env, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
+    assert "stage 0 FP16_UnfusedOptimizer ok" in res.stdout and "stage 2 " in res.stdout, res.stdout[-2000:]
+
+
+def test_stage0_master_refuses_rounded_weights():
+    from dumo_engine.distributed.engine import stage0_master, stage0_masters
+
+    p32, p16 = torch.zeros(3), torch.zeros(3, dtype=torch.bfloat16)
+    assert stage0_master(p32, {}) is p32  # fp32 runs: the module's weights are the masters
+    with pytest.raises(RuntimeError, match=r"bfloat16 parameter of shape \(3,\) has no fp32 master"):
+        stage0_master(p16, {})
+
+    class Wrapper:
+        fp16_groups, fp32_groups = [[p16]], [[torch.ones(3)]]
+
+    masters = stage0_masters(Wrapper())
+    assert stage0_master(p16, masters) is Wrapper.fp32_groups[0][0]
+    Wrapper.fp32_groups = [[torch.ones(4)]]
+    with pytest.raises(RuntimeError, match=r"fp32 master of shape \(4,\).*parameter of shape \(3,\)"):
+        stage0_masters(Wrapper())
+
+
 # ---------------------------------------------------------------------------------------------------
 # bad DeepSpeed configs: caught before training, the key named
 # ---------------------------------------------------------------------------------------------------

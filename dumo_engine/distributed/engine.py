@@ -53,15 +53,45 @@ def init_process_group(device: torch.device):
     return deepspeed
 
 
+def stage0_masters(optimizer) -> dict[int, torch.Tensor]:
+    """ZeRO-0: {id(module parameter): its fp32 master}. Under bf16, DeepSpeed wraps a client torch optimizer in its
+    unfused mixed-precision optimizer, which steps fp32 copies (fp32_groups) and writes them back rounded into the
+    module's bf16 parameters (fp16_groups, in the same order); an fp32 run has no wrapper and the module's parameters
+    are the masters (empty dict). The copies are updated in place, on resume too, so the mapping stays valid."""
+    low, high = getattr(optimizer, "fp16_groups", None), getattr(optimizer, "fp32_groups", None)
+    if not low or not high:
+        return {}
+    out = {}
+    for lg, hg in zip(low, high):
+        for lp, hp in zip(lg, hg):
+            if lp.shape != hp.shape or hp.dtype != torch.float32:
+                raise RuntimeError(f"DeepSpeed's {type(optimizer).__name__}: an fp32 master of shape {tuple(hp.shape)} "
+                                   f"({hp.dtype}) pairs with a parameter of shape {tuple(lp.shape)}")
+            out[id(lp)] = hp
+    return out
+
+
+def stage0_master(p: torch.Tensor, masters: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The fp32 master of ZeRO-0 parameter p (stage0_masters); p itself in fp32 runs. Never the rounded weights."""
+    master = masters.get(id(p))
+    if master is not None:
+        return master
+    if p.dtype != torch.float32:
+        raise RuntimeError(f"ZeRO-0: a {p.dtype} parameter of shape {tuple(p.shape)} has no fp32 master in the "
+                           "DeepSpeed optimizer: its EMA and export would average rounded weights")
+    return p
+
+
 class ShardedEMA:
     """fp32 EMA of DeepSpeed's fp32 master weights, kept for the part of each parameter this rank owns:
-      ZeRO-0       the whole parameter (the module's weights: fp32 runs keep no separate master)
+      ZeRO-0       the whole parameter: its fp32 master (stage0_masters; bf16 runs) or the module's fp32 weight
       ZeRO-1/2     this rank's fragment of the flat fp32 partition (param._hp_mapping; ranks owning none keep none)
       ZeRO-3       this rank's fp32 partition of the parameter (safe_get_local_fp32_param; layout of ds_tensor)
     update() is torch._foreach_lerp_, the one-process rule, with no communication; full_state() gathers."""
 
-    def __init__(self, module: torch.nn.Module, stage: int):
+    def __init__(self, module: torch.nn.Module, stage: int, optimizer=None):
         self.stage = stage
+        self.masters = stage0_masters(optimizer) if stage == 0 else {}
         self.named = list(module.named_parameters())
         self.shadow = [None if (src := self._source(p)) is None else src.detach().float().clone()
                        for _, p in self.named]
@@ -75,7 +105,7 @@ class ShardedEMA:
         if self.stage in (1, 2):
             mapping = getattr(p, "_hp_mapping", None)
             return None if mapping is None else mapping.get_hp_fragment()
-        return p
+        return stage0_master(p, self.masters)
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
@@ -133,7 +163,7 @@ class DeepSpeedBackend:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
         self.module = self.engine  # what the objective calls: the engine's forward
-        self.ema = ShardedEMA(self.engine.module, self.stage)
+        self.ema = ShardedEMA(self.engine.module, self.stage, self.optimizer)
         self.device = device
 
     # ---- the step ----
@@ -212,15 +242,18 @@ class DeepSpeedBackend:
     # ---- weights ----
     def full_state_dicts(self) -> tuple[Optional[dict], Optional[dict]]:
         """(model, EMA) consolidated fp32 state dicts on rank 0 (None elsewhere); collective. Parameters come from
-        DeepSpeed's fp32 master copy (ZeRO 1-3; ZeRO-0 from the module), buffers from a freshly built model (the
-        module's are in the training dtype)."""
+        DeepSpeed's fp32 master copy (ZeRO 1-3; ZeRO-0 its unfused optimizer's masters under bf16, else the module),
+        buffers from a freshly built model (the module's are in the training dtype)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         from ..train import build_model_from_config
 
         params = {}
         for n, p in self.engine.module.named_parameters():
-            full = safe_get_full_fp32_param(p) if self.stage > 0 else None  # collective
+            full = safe_get_full_fp32_param(p) if self.stage > 0 else stage0_master(p, self.ema.masters)  # collective
+            if full is None and p.dtype != torch.float32:
+                raise RuntimeError(f"ZeRO-{self.stage}: DeepSpeed gives no fp32 master for {n} ({p.dtype}): the export "
+                                   "would hold rounded weights")
             params[n] = (p if full is None else full).detach().float().cpu().clone()
         ema = self.ema.full_state()
         if not self.is_main:
