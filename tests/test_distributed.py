@@ -171,6 +171,41 @@ def test_damaged_shard_falls_back_to_the_previous_checkpoint(tmp_path):
             assert torch.equal(wa[k], wb[k]), k
 
 
+class _RunsCodeWhenUnpickled:
+    """What a crafted shard could hold: unpickling it calls open(marker, "w") (any callable would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+@needs_ds
+@pytest.mark.slow
+def test_shards_are_loaded_weights_only(tmp_path):
+    """ZeRO-0 on one rank: a resume works (its shards hold tensors and plain data only); then the newest shard is
+    replaced by one that runs code when unpickled, and state.json's size and sha256 are rewritten to match (as
+    whoever could write the run directory could): the resume refuses it by name and nothing in it ran."""
+    from dumo_engine import checkpoint as ckpt_io
+
+    run = tmp_path / "run"
+    _train(run, 1, 0, steps=2)
+    res = _train(run, 1, 0, steps=3)
+    assert "step_00000002 at step 2" in res.stdout, res.stdout[-2000:]
+    ck = run / "checkpoints" / "step_00000003"
+    shard = ck / "deepspeed" / "ds" / "mp_rank_00_model_states.pt"
+    marker = tmp_path / "ran"
+    torch.save({"module": _RunsCodeWhenUnpickled(str(marker))}, shard)
+    state = json.loads((ck / "state.json").read_text())
+    state["files"]["deepspeed/ds/mp_rank_00_model_states.pt"] = ckpt_io.file_record(str(shard))
+    (ck / "state.json").write_text(json.dumps(state))
+    res = _train(run, 1, 0, steps=4, check=False)
+    assert res.returncode == 2, (res.stdout[-2000:], res.stderr[-3000:])
+    assert "mp_rank_00_model_states.pt holds objects other than tensors and plain data; refused" in res.stderr
+    assert not marker.exists()
+
+
 @needs_ds
 @pytest.mark.slow
 def test_export_loads_and_samples_in_one_process(tmp_path):

@@ -11,17 +11,23 @@
 All ranks write into one temporary directory (shared filesystem across nodes, as DeepSpeed requires); after a
 barrier each rank fsyncs and hashes its share of the files, and rank 0 renames the directory into place and moves
 `latest` (a failure there is raised on every rank, so none waits in a collective). A save killed at any point leaves
-the previous checkpoint and pointer intact. DeepSpeed reads its shard files with torch.load (pickle). Before it does,
-every file's sha256 must match state.json: that catches truncation and corruption, but it is no defence against
-someone who can write the run directory (they can rewrite state.json too): only resume from run directories you
-trust.
+the previous checkpoint and pointer intact. Before a resume reads anything, every file's sha256 must match state.json
+(truncation and corruption are reported by name). DeepSpeed writes its shards with torch.save; on resume its loader is
+made to read them with torch.load(weights_only=True), which builds tensors and plain data only, with three of
+DeepSpeed's own plain classes allowed (its loss scaler's settings, the ZeRO stage enum, a fragment's address: what
+its ZeRO 0-3 shards hold, bf16 or fp32). No other object is built: a shard holding any other object (code to run, as
+a crafted file would) is refused with a CheckpointError naming the file, so a run directory someone else could write
+(state.json included) cannot run code in the resuming process.
 Resuming needs the same ZeRO stage and world size (DeepSpeed's partitions are per rank).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 from typing import Optional
 
+import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
@@ -61,6 +67,41 @@ def save_ds_checkpoint(run_dir: str, step: int, backend, meta: Optional[dict] = 
     return final if backend.is_main else None
 
 
+def _deepspeed_safe_globals() -> list:
+    """The non-torch classes DeepSpeed 0.19's ZeRO 0-3 shards hold (found by loading every stage's shards, bf16 and
+    fp32, with weights_only=True): plain data, no code runs when they are rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_shard(path: str, map_location=None):
+    """torch.load of one DeepSpeed shard with weights_only=True (tensors, plain data and _deepspeed_safe_globals);
+    a file holding anything else raises CheckpointError naming it."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"checkpoint shard {path} holds objects other than tensors and plain data; refused "
+                              f"(nothing in it was run): {str(e).splitlines()[0]}") from None
+
+
+@contextlib.contextmanager
+def weights_only_loads(engine):
+    """Within: DeepSpeed's checkpoint engine reads every shard through load_shard (its own load passes
+    weights_only=False)."""
+    ce = engine.checkpoint_engine
+    if ce is None or not callable(getattr(ce, "load", None)):
+        raise CheckpointError(f"DeepSpeed engine has no checkpoint engine to load through ({ce!r})")
+    ce.load = load_shard  # an instance attribute: shadows the class's method
+    try:
+        yield
+    finally:
+        del ce.load
+
+
 def resume_ds_checkpoint(run_dir: str, backend) -> tuple[int, Optional[str], list[str]]:
     """Collective. (step, path, skipped-damaged messages): the newest checkpoint that passes every check (rank 0
     verifies, all ranks load); (0, None, ...) when there is none."""
@@ -79,8 +120,9 @@ def resume_ds_checkpoint(run_dir: str, backend) -> tuple[int, Optional[str], lis
         if state.get(key) != have:
             raise CheckpointError(f"checkpoint {path} has {key}={state.get(key)} but this run has {have}: DeepSpeed's "
                                   "partitions are per rank; resume with the same ZeRO stage and number of ranks")
-    load_path, _ = backend.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=False)
+    with weights_only_loads(backend.engine):
+        load_path, _ = backend.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=False)
     if load_path is None:
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
     ema_file = _rank_file("ema_shard", backend.rank) if backend.stage > 0 else "ema.safetensors"
