@@ -74,12 +74,15 @@ def run_one(name: str, seed: int, args, judge: DigitsJudge) -> dict:
     with open(result_path, "w") as f:
         json.dump(row, f, indent=1)
     print(f"{name} seed {seed}: {train_s:.0f}s  " +
-          "  ".join(f"{m}: acc {s['accuracy']:.3f} FD {s['fd']:.2f}" for m, s in scores.items() if "tmid" not in m),
+          "  ".join(f"{m}: acc {s['accuracy']:.3f} FD " + ("n/a" if s["fd"] is None else f"{s['fd']:.2f}")
+                    for m, s in scores.items() if "tmid" not in m),
           flush=True)
     return row
 
 
-def fmt(vals: list[float], digits: int) -> str:
+def fmt(vals: list, digits: int) -> str:
+    if any(v is None for v in vals):  # FD of a run whose samples were not finite (DigitsJudge.score)
+        return "n/a (non-finite samples)"
     a = np.asarray(vals)
     return f"{a.mean():.{digits}f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.{digits}f}"
 

@@ -47,13 +47,20 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _write_json_atomic(path: str, obj: Any) -> None:
-    tmp = path + ".tmp"
+def write_text_atomic(path: str, text: str) -> None:
+    """Write a small text file so that a reader sees the old or the new content, whole, even after a crash: a
+    temporary file, fsynced, renamed over path, then the directory fsynced (so the rename itself is durable)."""
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+def _write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True))
 
 
 def _state_dict_tensors(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -99,6 +106,13 @@ def set_rng_state(states: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+def step_dirs(root: str) -> list[str]:
+    """The names of root's checkpoint directories (step_<digits>), oldest step first (by number: a step past
+    99,999,999 has nine digits and would sort first by name)."""
+    names = [d for d in os.listdir(root) if d.startswith("step_") and d[5:].isdigit()]
+    return sorted(names, key=lambda d: int(d[5:]))
+
+
 def stage_dir(run_dir: str, step: int) -> tuple[str, str, str]:
     """(checkpoints root, final name, fresh temporary directory) for checkpoint `step`; debris of a killed save is
     removed first (one writer per run directory: rank 0 under DeepSpeed)."""
@@ -125,16 +139,15 @@ def publish(root: str, name: str, tmp: str, state: dict, keep: int) -> str:
     final = os.path.join(root, name)
     _write_json_atomic(os.path.join(tmp, "state.json"), state)
     _fsync_dir(tmp)
-    if os.path.exists(final):  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
+    old = None
+    if os.path.exists(final):  # re-saving a step (after resuming from an older checkpoint): move the old one aside
+        old = f"{tmp}_replaced"  # a .tmp_ name: a save killed before the rmtree below leaves it for stage_dir
+        os.rename(final, old)
     os.rename(tmp, final)
     _fsync_dir(root)
-    tmp_latest = os.path.join(root, "latest.tmp")
-    with open(tmp_latest, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_latest, os.path.join(root, "latest"))
+    write_text_atomic(os.path.join(root, "latest"), name + "\n")
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep, protect=name)
     return final
 
@@ -160,7 +173,7 @@ def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, ema: torch.
 
 
 def _prune(root: str, keep: int, protect: str) -> None:
-    done = sorted(d for d in os.listdir(root) if d.startswith("step_"))
+    done = step_dirs(root)
     for d in done[: max(0, len(done) - max(keep, 1))]:
         if d != protect:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
@@ -189,7 +202,7 @@ def load_newest_valid(run_dir: str) -> tuple[Optional[dict], list[str]]:
     root = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(root):
         return None, []
-    candidates = sorted((d for d in os.listdir(root) if d.startswith("step_")), reverse=True)
+    candidates = step_dirs(root)[::-1]
     problems: list[str] = []
     try:
         pointed = latest_checkpoint(run_dir)
@@ -211,9 +224,7 @@ def load_newest_valid(run_dir: str) -> tuple[Optional[dict], list[str]]:
 
 def verify_files(path: str, state: dict, verify: bool = True) -> None:
     """Every file state.json lists exists with its recorded size (and sha256 when verify)."""
-    files = state.get("files")
-    if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"checkpoint {path}: state.json lists no files")
+    files = state["files"]  # checked by read_state
     for fname, expect in files.items():
         fpath = os.path.join(path, fname)
         if not os.path.isfile(fpath):
@@ -238,7 +249,40 @@ def read_state(path: str) -> dict:
         raise CheckpointError(f"checkpoint {path} is corrupt: state.json is not valid JSON ({e})") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path}: unknown format {state.get('format') if isinstance(state, dict) else state!r}")
+    _check_state(path, state)
     return state
+
+
+def _check_state(path: str, state: dict) -> None:
+    """state.json's fields have the types the loaders use, and its file names stay inside the checkpoint."""
+    def bad(what: str):
+        return CheckpointError(f"checkpoint {path} is corrupt: state.json {what}")
+
+    step = state.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise bad(f"has no valid step ({step!r})")
+    files = state.get("files")
+    if not isinstance(files, dict) or not files:
+        raise bad("lists no files")
+    for fname, rec in files.items():
+        parts = fname.split("/") if isinstance(fname, str) else []
+        if not parts or fname.startswith("/") or "\\" in fname or any(q in ("", ".", "..") for q in parts):
+            raise bad(f"names a file outside the checkpoint: {fname!r}")
+        size = rec.get("bytes") if isinstance(rec, dict) else None
+        digest = rec.get("sha256") if isinstance(rec, dict) else None
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0 or not isinstance(digest, str) \
+                or len(digest) != 64:
+            raise bad(f"has no valid size and sha256 for {fname}: {rec!r}")
+    kind = state.get("kind", "local")
+    if kind not in ("local", "deepspeed"):
+        raise bad(f"has an unknown kind {kind!r}")
+    if not isinstance(state.get("meta", {}), dict):
+        raise bad("meta is not an object")
+    if kind == "local":
+        opt = state.get("optimizer")
+        if not isinstance(opt, dict) or not isinstance(opt.get("param_groups"), list) \
+                or not isinstance(opt.get("scalars"), dict):
+            raise bad("has no optimizer param_groups and scalars")
 
 
 def load_checkpoint(path: str, verify: bool = True) -> dict:
@@ -261,7 +305,10 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
         except Exception as e:
             raise CheckpointError(f"checkpoint {path} is corrupt: cannot read {fname} ({e})") from None
     if kind == "local":
-        out["optimizer"] = optimizer_from_flat(out["optimizer"], state["optimizer"])
+        try:
+            out["optimizer"] = optimizer_from_flat(out["optimizer"], state["optimizer"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {path} is corrupt: its optimizer state does not parse ({e!r})") from None
     return out
 
 
@@ -280,7 +327,10 @@ def restore(ckpt: dict, model: torch.nn.Module, ema: torch.nn.Module, optimizer:
     if optimizer is not None:
         try:
             optimizer.load_state_dict(ckpt["optimizer"])
-        except (ValueError, KeyError) as e:
+        except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt['path']}: optimizer state does not fit: {e}") from None
-    set_rng_state(ckpt["rng"])
+    try:
+        set_rng_state(ckpt["rng"])
+    except (KeyError, RuntimeError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {ckpt['path']}: its RNG state does not load ({e!r})") from None
     return int(ckpt["step"])

@@ -32,7 +32,13 @@ def _load_run(run_dir: str, overrides=()):
         raise ckpt_io.CheckpointError(f"{run_dir} has no checkpoint yet")
     ck = ckpt_io.load_checkpoint(latest)
     model = build_model_from_config(cfg)
-    model.load_state_dict(ck["ema" if cfg.sample.use_ema else "model"], strict=True)
+    which = "ema" if cfg.sample.use_ema else "model"
+    try:
+        model.load_state_dict(ck[which], strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ckpt_io.CheckpointError(f"{latest}: its {which} weights do not fit model.name={cfg.model.name} of "
+                                      f"{path} (and the overrides given): {' '.join(first[:3])[:400]}") from None
     return cfg, model.eval(), ck["step"]
 
 
@@ -82,8 +88,13 @@ def cmd_sample(args, overrides) -> int:
     from .eval.evaluate import generate
 
     cfg, model, step = _load_run(args.run, overrides)
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {args.seed}")
     if args.labels:
-        labels = [int(v) for v in args.labels.split(",")]
+        try:
+            labels = [int(v) for v in args.labels.split(",")]
+        except ValueError:
+            raise ConfigError(f"--labels: {args.labels!r} is not a comma-separated list of integers") from None
         bad = [v for v in labels if not 0 <= v <= cfg.model.num_classes]
         if bad:
             raise ConfigError(f"--labels: {bad} out of range 0..{cfg.model.num_classes} ({cfg.model.num_classes} = NULL)")

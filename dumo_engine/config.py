@@ -131,6 +131,7 @@ UNIT_INTERVAL = {"objective.equal_fraction", "objective.label_dropout", "objecti
                  "optim.ema_decay"}
 HALF_OPEN_UNIT = {"optim.beta1", "optim.beta2"}  # [0, 1)
 OPEN_UNIT = {"data.test_fraction"}  # (0, 1)
+SEEDS = ("train.seed", "data.split_seed", "sample.seed")  # numpy / scikit-learn take seeds below 2**32
 # What each embedded dataset feeds the model: (images, input_size, in_channels, num_classes)
 DATASETS = {"digits": (1797, 8, 1, 10)}
 METHODS = ("u1", "u2", "euler", "heun")
@@ -193,6 +194,12 @@ def validate(cfg: RunConfig) -> RunConfig:
             raise ConfigError(f"{key}: {flat[key]!r} is not one of {', '.join(choices)}")
     if cfg.model.name not in DIT_SIZES:
         raise ConfigError(f"model.name: unknown model {cfg.model.name!r}; known: {', '.join(DIT_SIZES)}")
+    for key, value in flat.items():  # NaN passes every comparison below as False: refuse it (and inf) first
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number, got {value}")
+    for key in SEEDS:
+        if not 0 <= flat[key] < 2**32:
+            raise ConfigError(f"{key} must be in [0, 2**32), got {flat[key]}")
     for key in POSITIVE:
         if not flat[key] > 0:
             raise ConfigError(f"{key} must be > 0, got {flat[key]}")
@@ -239,7 +246,12 @@ def _check_dataset(cfg: RunConfig) -> None:
     for key, want in (("input_size", size), ("in_channels", channels), ("num_classes", classes)):
         if getattr(m, key) != want:
             raise ConfigError(f"model.{key}={getattr(m, key)} does not fit data.dataset={name} ({key} {want})")
-    n_train = images - math.ceil(images * cfg.data.test_fraction)  # sklearn's train_test_split rounding
+    n_test = math.ceil(images * cfg.data.test_fraction)  # sklearn's train_test_split rounding
+    n_train = images - n_test
+    for part, n in (("held-out", n_test), ("training", n_train)):  # the split is stratified: every class in each part
+        if n < classes:
+            raise ConfigError(f"data.test_fraction={cfg.data.test_fraction} leaves {n} {part} images of {name}, fewer "
+                              f"than its {classes} classes")
     if cfg.train.batch_size > n_train:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} exceeds the {n_train} training images of {name}")
 
@@ -309,10 +321,19 @@ def to_flat_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    tmp = f"{os.fspath(path)}.tmp"
+    """Written atomically (temporary file, fsync, rename, directory fsync): a reader sees the old or the new file."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def from_dict(data: dict) -> RunConfig:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from . import checkpoint as ckpt_io
-from .config import ConfigError, RunConfig, save_config
+from .config import ConfigError, RunConfig, save_config, to_flat_dict
 from .data import DigitsData
 from .models import build_model, load_pretrained_dit
 from .objectives import OBJECTIVES, GuidanceConfig
@@ -82,6 +82,39 @@ class TrainResult:
     rank: int = 0  # under DeepSpeed only rank 0 holds model/ema (consolidated); other ranks have None
 
 
+# What a resume must find unchanged: every setting that shapes the trajectory (model, objective, data, optimizer,
+# global batch, seed, precision). Not: how long or where it runs, how it logs and saves, the JVP backend (the same
+# math), model.pretrained (overwritten by the checkpoint), DeepSpeed's layout (checked against the checkpoint itself).
+_RESUME_SECTIONS = ("model", "objective", "data", "optim")
+_RESUME_TRAIN_KEYS = ("batch_size", "seed", "precision")
+_RESUME_FREE = ("model.pretrained", "objective.jvp_backend")
+
+
+def training_settings(cfg: RunConfig) -> dict:
+    """{dotted key: value} of the settings a resumed run must share with its checkpoint (stored in state.json)."""
+    flat = to_flat_dict(cfg)
+    keys = [k for k in flat if k.split(".")[0] in _RESUME_SECTIONS and k not in _RESUME_FREE]
+    return {k: flat[k] for k in sorted(keys + [f"train.{k}" for k in _RESUME_TRAIN_KEYS])}
+
+
+def check_resume_settings(path: str, state: dict, cfg: RunConfig) -> None:
+    """Raise ConfigError naming every training setting that differs from the checkpoint's (a checkpoint written
+    before they were recorded is not checked)."""
+    saved = state.get("meta", {}).get("config")
+    if not isinstance(saved, dict):
+        return
+    now = training_settings(cfg)
+    missing = object()
+    diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k, missing) != now.get(k, missing)]
+    if diff:
+        def show(d, k):
+            return f"{k}={d[k]!r}" if k in d else f"{k} (absent)"
+
+        raise ConfigError(f"train.resume: {path} was trained with {', '.join(show(saved, k) for k in diff)}; this run "
+                          f"has {', '.join(show(now, k) for k in diff)}. A resume continues the same run: set them "
+                          "back, or train into a new train.out_dir (train.resume=false moves the earlier run aside)")
+
+
 def _trim_log(path: str, last_step: int) -> None:
     """After a resume, drop log lines the interrupted run wrote past its last checkpoint (and a torn last line)."""
     if not os.path.exists(path):
@@ -95,9 +128,7 @@ def _trim_log(path: str, last_step: int) -> None:
                 continue
             if row.get("step", 0) <= last_step:
                 keep.append(json.dumps(row) + "\n")
-    with open(path + ".tmp", "w") as f:
-        f.writelines(keep)
-    os.replace(path + ".tmp", path)
+    ckpt_io.write_text_atomic(path, "".join(keep))
 
 
 def _archive_previous(run_dir: str) -> None:
@@ -156,10 +187,14 @@ class LocalBackend:
     def save(self, run_dir: str, step: int, meta: dict, keep: int) -> None:
         ckpt_io.save_checkpoint(run_dir, step, self.model, self.ema, self.opt, meta=meta, keep=keep)
 
-    def resume(self, run_dir: str) -> tuple[int, str | None, list[str]]:
+    def resume(self, run_dir: str, check=None) -> tuple[int, str | None, list[str]]:
+        """(step, path, skipped-damaged messages) of the newest usable checkpoint, restored into the live objects
+        after check(path, state) (which raises on a mismatch); (0, None, ...) when there is none."""
         ckpt, skipped = ckpt_io.load_newest_valid(run_dir)
         if ckpt is None:
             return 0, None, skipped
+        if check is not None:
+            check(ckpt["path"], ckpt["state"])
         return ckpt_io.restore(ckpt, self.model, self.ema, self.opt), ckpt["path"], skipped
 
     def final_models(self):
@@ -206,14 +241,17 @@ def train(cfg: RunConfig) -> TrainResult:
         os.makedirs(run_dir, exist_ok=True)
         if not tc.resume:
             _archive_previous(run_dir)
-        save_config(cfg, os.path.join(run_dir, "config.yaml"))
 
     backend.on_main(prepare_run_dir)  # rank 0 writes; a failure there stops every rank
     data = DigitsData.from_config(cfg.data, tc.batch_size, tc.seed, device)
 
-    step, path, skipped = backend.resume(run_dir) if tc.resume else (0, None, [])
+    def check(path, state):
+        check_resume_settings(path, state, cfg)
 
-    def report_resume():
+    step, path, skipped = backend.resume(run_dir, check) if tc.resume else (0, None, [])
+
+    def report_resume():  # config.yaml only now: a refused resume leaves the run's own config in place
+        save_config(cfg, os.path.join(run_dir, "config.yaml"))
         for msg in skipped:
             print(f"warning: skipped a damaged checkpoint: {msg}")
         if path is not None:
@@ -278,7 +316,8 @@ def train(cfg: RunConfig) -> TrainResult:
             if bar is not None:
                 bar.update(1)
             if ckpt_now:
-                backend.save(run_dir, step, {"model": cfg.model.name}, tc.keep_checkpoints)
+                backend.save(run_dir, step, {"model": cfg.model.name, "config": training_settings(cfg)},
+                             tc.keep_checkpoints)
     if bar is not None:
         bar.close()
     final_model, final_ema = backend.final_models()  # consolidated on rank 0 under DeepSpeed; None elsewhere

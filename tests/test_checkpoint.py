@@ -208,3 +208,71 @@ def test_fresh_run_into_used_directory_archives_the_old_one(tmp_path):
     assert "seed: 7" in (tmp_path / "config.yaml").read_text()
     assert ckpt_io.latest_checkpoint(str(tmp_path)).endswith("step_00000001")
     assert [r["step"] for r in read_log(str(tmp_path / "log.jsonl"))] == [1]
+
+
+def test_resume_with_changed_training_settings_is_refused(tmp_path, capsys):
+    """A resume continues the same run: changed optimizer (or model, objective, data, batch, seed) settings are
+    refused by name, before any weight is loaded, and the run's config.yaml is left as it was; settings that do not
+    shape the trajectory (steps, logging, the JVP backend) may change."""
+    from dumo_engine.config import ConfigError
+
+    train(tiny_config(tmp_path, "--train.steps=2"))
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ConfigError, match=r"optim\.beta2=0\.95, optim\.lr=0\.002; this run has optim\.beta2=0\.5, "
+                                          r"optim\.lr=0\.0002"):
+        train(tiny_config(tmp_path, "--train.steps=3", "--optim.lr=2e-4", "--optim.beta2=0.5"))
+    with pytest.raises(ConfigError, match=r"model\.name='DiT-tiny'.*model\.name='DiT-digits'"):
+        train(tiny_config(tmp_path, "--train.steps=3", "--model.name=DiT-digits"))
+    with pytest.raises(ConfigError, match=r"train\.seed=0.*train\.seed=3"):
+        train(tiny_config(tmp_path, "--train.steps=3", "--train.seed=3"))
+    assert (tmp_path / "config.yaml").read_text() == before
+    res = train(tiny_config(tmp_path, "--train.steps=3", "--train.log_every=2", "--objective.jvp_backend=forward_ad"))
+    assert res.step == 3 and "resumed from" in capsys.readouterr().out
+    state = ckpt_io.read_state(ckpt_io.latest_checkpoint(str(tmp_path)))
+    assert state["meta"]["config"]["optim.lr"] == 0.002 and "train.steps" not in state["meta"]["config"]
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda st: st["files"]["model.safetensors"].pop("bytes"), "no valid size and sha256 for model.safetensors"),
+    (lambda st: st.pop("step"), "no valid step"),
+    (lambda st: st.update(step="3"), "no valid step"),
+    (lambda st: st.pop("optimizer"), "no optimizer param_groups"),
+    (lambda st: st["files"].update({"../../x": st["files"]["rng.safetensors"]}), "outside the checkpoint"),
+    (lambda st: st["optimizer"]["scalars"].update({"nodots": 1}), "optimizer state does not parse"),
+])
+def test_malformed_state_json_falls_back(tmp_path, capsys, edit, match):
+    """A state.json that parses but is malformed is a damaged checkpoint: named, skipped, the older one used."""
+    train(tiny_config(tmp_path, "--train.steps=4", "--train.ckpt_every=2"))
+    path = os.path.join(tmp_path, "checkpoints", "step_00000004", "state.json")
+    state = json.load(open(path))
+    edit(state)
+    json.dump(state, open(path, "w"))
+    with pytest.raises(ckpt_io.CheckpointError, match=match):
+        ckpt_io.load_checkpoint(os.path.dirname(path))
+    res = train(tiny_config(tmp_path, "--train.steps=5", "--train.ckpt_every=2"))
+    out = capsys.readouterr().out
+    assert "skipped a damaged checkpoint" in out and "step_00000002 at step 2" in out and res.step == 5
+
+
+def test_checkpoints_are_ordered_by_step_number(tmp_path):
+    """Past step 99,999,999 the names get a ninth digit: pruning and the fallback order go by number, not name."""
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    for name in ("step_99999998", "step_99999999", "step_100000000", "step_junk"):
+        (root / name).mkdir()
+    assert ckpt_io.step_dirs(str(root)) == ["step_99999998", "step_99999999", "step_100000000"]
+    ckpt_io._prune(str(root), keep=2, protect="step_100000000")
+    assert sorted(os.listdir(root)) == ["step_100000000", "step_99999999", "step_junk"]
+
+
+def test_resaving_a_step_replaces_it_whole(tmp_path):
+    """Resuming from an older checkpoint after the newest was damaged re-saves that step: the new directory
+    replaces the damaged one and no debris is left."""
+    train(tiny_config(tmp_path, "--train.steps=4", "--train.ckpt_every=2"))
+    damaged = tmp_path / "checkpoints" / "step_00000004" / "model.safetensors"
+    damaged.write_bytes(b"x")
+    res = train(tiny_config(tmp_path, "--train.steps=4", "--train.ckpt_every=2"))
+    assert res.step == 4
+    ck = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(str(tmp_path)))
+    assert ck["step"] == 4 and _state_equal(ck["model"], res.model.state_dict())
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]

@@ -35,6 +35,16 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
     (["--train.batch_size=5000"], "train.batch_size"),
     (["--objective.name=flow_matching", "--objective.equal_fraction=0.5"], "objective.equal_fraction"),
     (["--objective.cfg_k=0.5", "--objective.label_dropout=0"], "objective.label_dropout"),
+    (["--optim.grad_clip=.nan"], "optim.grad_clip"),  # NaN fails every range comparison: refused as not finite
+    (["--objective.lambda_v=.nan"], "objective.lambda_v"),
+    (["--objective.cfg_w=.nan"], "objective.cfg_w"),
+    (["--objective.P_mean=.inf"], "objective.P_mean"),
+    (["--optim.weight_decay=1e999"], "optim.weight_decay"),
+    (["--train.seed=100000000000000"], "train.seed"),
+    (["--data.split_seed=-1"], "data.split_seed"),
+    (["--sample.seed=4294967296"], "sample.seed"),
+    (["--data.test_fraction=0.001"], "data.test_fraction"),  # 2 held-out images for 10 classes
+    (["--data.test_fraction=0.999", "--train.batch_size=1"], "data.test_fraction"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
@@ -93,6 +103,14 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert x.shape == (3, 1, 8, 8) and np.isfinite(x).all()
     assert main(["eval", "--run", str(run), "--sample.per_class=4"]) == 0
     assert main(["sample", "--run", str(tmp_path / "nope")]) == 2
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--labels", "1,x"]) == 2
+    assert "--labels: '1,x' is not a comma-separated list of integers" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--seed", "-3"]) == 2
+    assert "--seed must be in [0, 2**32)" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--model.name=DiT-digits"]) == 2  # weights of another size
+    err = capsys.readouterr().err
+    assert "ema weights do not fit model.name=DiT-digits" in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")

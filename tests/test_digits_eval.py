@@ -54,6 +54,21 @@ def test_judge_scores_real_and_noise(judge):
     # wrong labels on real images: FD unchanged, accuracy collapses
     wrong = judge.score(judge.x_test.reshape(-1, 1, 8, 8), (judge.y_test + 1) % 10)
     assert wrong["accuracy"] < 0.1
+    assert real["non_finite"] == noise["non_finite"] == 0
+
+
+def test_judge_counts_non_finite_samples(judge):
+    """A diverged model's NaN/inf samples are counted and scored as misses, not a crash inside scikit-learn."""
+    x = judge.x_test.reshape(-1, 1, 8, 8).copy()
+    x[:10, 0, 0, 0] = np.nan
+    x[10:15, 0, 3, 3] = np.inf
+    s = judge.score(x, judge.y_test)
+    finite = judge.score(x[15:], judge.y_test[15:])
+    assert s["non_finite"] == 15 and finite["non_finite"] == 0
+    assert s["accuracy"] == pytest.approx(finite["accuracy"] * (len(x) - 15) / len(x))
+    assert s["fd"] == pytest.approx(finite["fd"])
+    none = judge.score(np.full((4, 1, 8, 8), np.nan), np.arange(4))
+    assert none == {"accuracy": 0.0, "fd": None, "non_finite": 4}
 
 
 def test_grid_png(tmp_path):

@@ -184,13 +184,16 @@ class _RunsCodeWhenUnpickled:
 @needs_ds
 @pytest.mark.slow
 def test_shards_are_loaded_weights_only(tmp_path):
-    """ZeRO-0 on one rank: a resume works (its shards hold tensors and plain data only); then the newest shard is
+    """ZeRO-0 on one rank: a resume with another learning rate is refused (every rank checks the checkpoint's
+    settings); a resume works (its shards hold tensors and plain data only); then the newest shard is
     replaced by one that runs code when unpickled, and state.json's size and sha256 are rewritten to match (as
     whoever could write the run directory could): the resume refuses it by name and nothing in it ran."""
     from dumo_engine import checkpoint as ckpt_io
 
     run = tmp_path / "run"
     _train(run, 1, 0, steps=2)
+    res = _train(run, 1, 0, steps=3, extra=["--optim.lr=5e-4"], check=False)  # not the run's lr: refused
+    assert res.returncode == 2 and "optim.lr=0.001; this run has optim.lr=0.0005" in res.stderr, res.stderr[-2000:]
     res = _train(run, 1, 0, steps=3)
     assert "step_00000002 at step 2" in res.stdout, res.stdout[-2000:]
     ck = run / "checkpoints" / "step_00000003"

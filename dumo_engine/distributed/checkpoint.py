@@ -102,9 +102,10 @@ def weights_only_loads(engine):
         del ce.load
 
 
-def resume_ds_checkpoint(run_dir: str, backend) -> tuple[int, Optional[str], list[str]]:
+def resume_ds_checkpoint(run_dir: str, backend, check=None) -> tuple[int, Optional[str], list[str]]:
     """Collective. (step, path, skipped-damaged messages): the newest checkpoint that passes every check (rank 0
-    verifies, all ranks load); (0, None, ...) when there is none."""
+    verifies, all ranks load, after check(path, state), which raises on a mismatch, on every rank); (0, None, ...)
+    when there is none."""
     def newest():
         ck, skipped = ckpt_io.load_newest_valid(run_dir)
         return None if ck is None else ck["path"], skipped
@@ -116,6 +117,8 @@ def resume_ds_checkpoint(run_dir: str, backend) -> tuple[int, Optional[str], lis
     if state.get("kind") != "deepspeed":
         raise CheckpointError(f"checkpoint {path} was written by a one-process run; resume it without train.deepspeed, "
                               "or start the DeepSpeed run in a fresh train.out_dir")
+    if check is not None:
+        check(path, state)
     for key, have in (("zero_stage", backend.stage), ("world_size", backend.world_size)):
         if state.get(key) != have:
             raise CheckpointError(f"checkpoint {path} has {key}={state.get(key)} but this run has {have}: DeepSpeed's "

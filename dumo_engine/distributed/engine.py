@@ -222,10 +222,10 @@ class DeepSpeedBackend:
 
         save_ds_checkpoint(run_dir, step, self, meta=meta, keep=keep)
 
-    def resume(self, run_dir: str):
+    def resume(self, run_dir: str, check=None):
         from .checkpoint import resume_ds_checkpoint
 
-        return resume_ds_checkpoint(run_dir, self)
+        return resume_ds_checkpoint(run_dir, self, check)
 
     def final_models(self):
         """(model, EMA) built from the consolidated fp32 weights on rank 0, (None, None) elsewhere; collective."""

@@ -56,10 +56,16 @@ class DigitsJudge:
         return np.maximum(x @ self.clf.coefs_[0] + self.clf.intercepts_[0], 0.0)
 
     def score(self, samples: np.ndarray, labels: np.ndarray) -> dict:
-        """Metrics for generated samples (N, 1, 8, 8) in [-1, 1] and their conditioning labels."""
-        x = np.clip(np.asarray(samples, dtype=np.float64), -1, 1).reshape(len(samples), -1)
-        acc = float((self.clf.predict(x) == np.asarray(labels)).mean())
-        return {"accuracy": acc, "fd": frechet_distance(self.features(x), self.test_features)}
+        """Metrics for generated samples (N, 1, 8, 8) in [-1, 1] and their conditioning labels. Samples with a
+        non-finite value (a diverged model) are counted in "non_finite" and as misclassified; FD is over the finite
+        ones (None when fewer than 2 are)."""
+        x = np.asarray(samples, dtype=np.float64).reshape(len(samples), -1)
+        labels = np.asarray(labels)
+        finite = np.isfinite(x).all(axis=1)
+        x = np.clip(x[finite], -1, 1)
+        hits = int((self.clf.predict(x) == labels[finite]).sum()) if len(x) else 0
+        fd = frechet_distance(self.features(x), self.test_features) if len(x) >= 2 else None
+        return {"accuracy": hits / max(len(samples), 1), "fd": fd, "non_finite": int((~finite).sum())}
 
 
 def save_grid(path: str, samples: np.ndarray, labels: np.ndarray, cols: int = 10, scale: int = 4,

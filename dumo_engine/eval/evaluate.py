@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..checkpoint import write_text_atomic
 from ..sampling import sample
 from .digits import DigitsJudge, save_grid
 
@@ -55,8 +56,7 @@ def evaluate_digits(model, cfg, objective_name: str, out_dir: str | None = None,
                       cols=cfg.sample.grid_cols, num_classes=nc)
     model.train(was_training)
     if out_dir is not None:
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump(results, f, indent=1)
+        write_text_atomic(os.path.join(out_dir, "eval.json"), json.dumps(results, indent=1))
     if verbose:
         print(format_results(results, cfg))
     return results
@@ -67,5 +67,7 @@ def format_results(results: dict, cfg) -> str:
              f"FD real-train vs real-test {results['real_fd']:.2f} (floor)",
              f"{'sampler':<36} {'accuracy':>9} {'FD':>8}"]
     for method, s in results["methods"].items():
-        lines.append(f"{method_label(method, cfg):<36} {s['accuracy']:>9.3f} {s['fd']:>8.2f}")
+        fd = "n/a" if s["fd"] is None else f"{s['fd']:.2f}"
+        bad = f"   {s['non_finite']} samples not finite" if s.get("non_finite") else ""
+        lines.append(f"{method_label(method, cfg):<36} {s['accuracy']:>9.3f} {fd:>8}{bad}")
     return "\n".join(lines)
