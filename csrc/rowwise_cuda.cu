@@ -773,11 +773,20 @@ struct Events {
 struct RelaxedCapture {
   cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
   bool ok;
-  RelaxedCapture() : ok(cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess) {}
+  RelaxedCapture() : ok(cudaThreadExchangeStreamCaptureMode(&mode) == cudaSuccess) {
+    if (!ok) cudaGetLastError();  // measured anyway (unrelaxed); no launch after this may report the failed exchange
+  }
   ~RelaxedCapture() {
     if (ok) cudaThreadExchangeStreamCaptureMode(&mode);
   }
 };
+
+// A failed runtime call's error, returned once: read back (and so cleared) here, so PyTorch's next launch check does
+// not report it again under an unrelated kernel (a sticky error, a broken context, stays whatever is done).
+int cleared(cudaError_t r) {
+  cudaGetLastError();
+  return int(r);
+}
 
 // Runs `run(variant)` under the process-wide variant `variant`: directly without kTuned; with kTuned the key's
 // measured choice, measuring it first on this call if there is none (see rowwise_fast.h). `fast` says whether the
@@ -791,7 +800,10 @@ int tuned_run(int variant, bool fast, TunedOp op, int nmod, Shape s, DType tx, D
   const int fallback = variant & ~fast::kTuned;
   if (!fast || s.N * s.T == 0 || !fast_path(fallback)) return run(fallback);
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return run(fallback);
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();  // cleared: the fallback's launch reports only its own error
+    return run(fallback);
+  }
   const TuneKey key{int(op), nmod, s.N, s.T, s.D, int(tx), int(tm), f32_out, device, fallback};
   int chosen = -1;
   {
@@ -830,17 +842,17 @@ int tuned_run(int variant, bool fast, TunedOp op, int nmod, Shape s, DType tx, D
   for (int rep = 0; rep < kTuneReps; ++rep)
     for (size_t c = 0; c < nc; ++c) {
       cudaEvent_t* e = &events.ev[2 * (rep * nc + c)];
-      if (cudaError_t r = cudaEventRecord(e[0], st)) return int(r);
+      if (cudaError_t r = cudaEventRecord(e[0], st)) return cleared(r);
       if (const int r = run(cand[c])) return r;
-      if (cudaError_t r = cudaEventRecord(e[1], st)) return int(r);
+      if (cudaError_t r = cudaEventRecord(e[1], st)) return cleared(r);
     }
-  if (cudaError_t r = cudaEventSynchronize(events.ev[2 * (kTuneReps * nc - 1) + 1])) return int(r);
+  if (cudaError_t r = cudaEventSynchronize(events.ev[2 * (kTuneReps * nc - 1) + 1])) return cleared(r);
   TuneRecord rec{op, nmod, s, tx, tm, f32_out, device, cand[0], cand, std::vector<float>(nc, 0.f)};
   for (size_t c = 0; c < nc; ++c) {
     float t[kTuneReps];
     for (int rep = 0; rep < kTuneReps; ++rep) {
       const cudaEvent_t* e = &events.ev[2 * (rep * nc + c)];
-      if (cudaError_t r = cudaEventElapsedTime(&t[rep], e[0], e[1])) return int(r);
+      if (cudaError_t r = cudaEventElapsedTime(&t[rep], e[0], e[1])) return cleared(r);
     }
     std::sort(t, t + kTuneReps);
     rec.ms[c] = t[kTuneReps / 2];
@@ -888,9 +900,11 @@ int ln_mod_bwd_cuda(const void* const* gys, const void* x, const float* mean, co
                     const void* const* scales, const int64_t* scale_strides, int nmod, void* gx,
                     void* const* gshifts, void* const* gscales, float* partial, Shape s, DType tx, DType tm,
                     void* stream) {
-  bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(gx);
+  // the outputs too: the wide backward writes the column sums and partials with 16-byte stores
+  bool vec = s.D % VEC == 0 && aligned16(x) && aligned16(gx) && aligned16(partial);
   for (int k = 0; k < nmod; ++k)
-    vec = vec && aligned16(gys[k]) && aligned16(scales[k]) && scale_strides[k] % VEC == 0;
+    vec = vec && aligned16(gys[k]) && aligned16(scales[k]) && scale_strides[k] % VEC == 0 && aligned16(gshifts[k]) &&
+          aligned16(gscales[k]);
   const bool fast = vec && fast::applies(s.D, tx, tm);
   return tuned_run(g_variant.load(), fast, TunedOp::LnModBwd, nmod, s, tx, tm, false, stream, [&](int v) {
     return ln_mod_bwd_with(v, vec, gys, x, mean, rstd, scales, scale_strides, nmod, gx, gshifts, gscales, partial, s,

@@ -6,6 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "rowwise.h"
 
@@ -181,10 +184,33 @@ void with_fast_types(DType tx, DType tm, F&& f) {
 // the dual backward with 8-16 spilled bytes and prefetch beat it without; at 136 bytes it lost by a quarter).
 constexpr size_t kSpillSlack = 16;
 
+// Whether `kernel` as compiled for the current device spills at most kSpillSlack bytes per thread. Cached per
+// (kernel, device): the answer is a property of the code the device runs (a process with an sm_80 and an sm_90 card
+// runs two compilations). False when the query fails (its error cleared, so no later launch reports it; not cached).
 template <typename K>
-bool spills_at_most(size_t bytes, K kernel) {
+bool fits_in_registers(K kernel) {
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, bool> cache;
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const auto key = std::make_pair(reinterpret_cast<const void*>(kernel), dev);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto it = cache.find(key);
+    if (it != cache.end()) return it->second;
+  }
   cudaFuncAttributes a{};
-  return cudaFuncGetAttributes(&a, kernel) == cudaSuccess && a.localSizeBytes <= bytes;
+  if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const bool fits = a.localSizeBytes <= kSpillSlack;
+  std::lock_guard<std::mutex> lock(mu);
+  cache[key] = fits;
+  return fits;
 }
 
 }  // namespace dev

@@ -53,7 +53,9 @@ constexpr int kWideJvp = 4, kPlannedTiles = 8, kTwoRows = 16;
 // fast path does not take, nothing is measured. The other bits are the choice where it cannot measure: while the
 // stream is being captured into a CUDA graph before the key was measured, or once kTuneMaxKeys keys are cached. The
 // outputs of the measuring call are those of the chosen variant (it runs last), so every call with a key gives the
-// same bits. `vec` of the launchers: whether the operands are 16-byte aligned with strides that keep them so.
+// same bits. The events time what the stream waits for, host launch work included where a candidate's kernels are
+// shorter than their launches (small keys): the choice is the fastest in eager mode, not necessarily under a graph.
+// `vec` of the launchers: whether the operands are 16-byte aligned with strides that keep them so (outputs included).
 constexpr int kTuned = 32;
 // Gated residual forward and JVP (which otherwise run the flat elementwise kernels on any path but kGeneral):
 //   kGatedRows: a thread per 8-column chunk of a row over several rows of one sample, its gate chunk held in
@@ -72,7 +74,7 @@ constexpr int kDefaultVariant = kAuto | kTuned;
 inline bool valid_variant(int v) { return v >= 0 && (v & ~(kBaseMask | kOptionMask)) == 0; }
 
 // Whether a kernel runs with the next row's loads in flight, given whether that compiled kernel spills at most
-// kSpillSlack bytes (`fits`, read once per kernel by the caller).
+// kSpillSlack bytes (`fits`: fits_in_registers, cached per kernel and device).
 inline bool next_row_in_flight(int variant, bool fits) {
   const int base = variant & kBaseMask;
   return base == kPreload || (base == kAuto && fits);

@@ -634,10 +634,8 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
       bool done = false;
       with_groups(ceil_div(s.D, 32 * VEC), [&](auto g) {
         constexpr int G = decltype(g)::value;
-        static const bool wide2_fits = spills_at_most(kSpillSlack, ln_mod_bwd_wide<TX, TM, G, 2>);
-        static const bool wide1_fits = spills_at_most(kSpillSlack, ln_mod_bwd_wide<TX, TM, G, 1>);
-        if (!(nmod == 2 ? wide2_fits : wide1_fits)) return;
         auto kernel = nmod == 2 ? ln_mod_bwd_wide<TX, TM, G, 2> : ln_mod_bwd_wide<TX, TM, G, 1>;
+        if (!fits_in_registers(kernel)) return;
         const size_t smem = 0;
         done = true;
         err = launch_attr(kernel, smem);
@@ -662,17 +660,16 @@ int ln_mod_bwd_tiles(const void* const* gys, const void* x, const float* mean, c
                                                     s.T, int(s.D), int(plan.rows));
       };
       // kTwoRows where that kernel fits in registers (spills at most kSpillSlack bytes), else the base choice
-      static const bool two_fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair2<TX, TM, NC, 2>);
-      static const bool one_fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair2<TX, TM, NC, 1>);
-      if ((variant & kTwoRows) && (nmod == 2 ? two_fits : one_fits)) {
+      if ((variant & kTwoRows) &&
+          fits_in_registers(nmod == 2 ? ln_mod_bwd_pair2<TX, TM, NC, 2> : ln_mod_bwd_pair2<TX, TM, NC, 1>)) {
         if (nmod == 2) launch(ln_mod_bwd_pair2<TX, TM, NC, 2>, pair_smem<NC>(2, 4));
         else launch(ln_mod_bwd_pair2<TX, TM, NC, 1>, pair_smem<NC>(1, 2));
       } else if (nmod == 2) {
-        static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 2, true>);
+        const bool fits = fits_in_registers(ln_mod_bwd_pair<TX, TM, NC, 2, true>);
         if (next_row_in_flight(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 2, true>, pair_smem<NC>(2, 4));
         else launch(ln_mod_bwd_pair<TX, TM, NC, 2, false>, pair_smem<NC>(2, 4));
       } else {
-        static const bool fits = spills_at_most(kSpillSlack, ln_mod_bwd_pair<TX, TM, NC, 1, true>);
+        const bool fits = fits_in_registers(ln_mod_bwd_pair<TX, TM, NC, 1, true>);
         if (next_row_in_flight(variant, fits)) launch(ln_mod_bwd_pair<TX, TM, NC, 1, true>, pair_smem<NC>(1, 2));
         else launch(ln_mod_bwd_pair<TX, TM, NC, 1, false>, pair_smem<NC>(1, 2));
       }

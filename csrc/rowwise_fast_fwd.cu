@@ -254,11 +254,11 @@ int ln_mod_fwd(const void* x, const Mod* mods, int nmod, void* const* ys, float*
         DUMO_LAUNCH(grid, block, 0, st, kernel)(xp, m0, m1, y0, y1, mean, rstd, R, s.T, int(s.D), eps);
       };
       if (nmod == 2) {
-        static const bool fits = spills_at_most(kSpillSlack, ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>);
+        const bool fits = fits_in_registers(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>);
         if (next_row_in_flight(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 2, kFwdRows>, kFwdRows);
         else launch(ln_mod_fwd_warp<TX, TM, NC, 2, 1>, 1);
       } else {
-        static const bool fits = spills_at_most(kSpillSlack, ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>);
+        const bool fits = fits_in_registers(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>);
         if (next_row_in_flight(variant, fits)) launch(ln_mod_fwd_warp<TX, TM, NC, 1, kFwdRows>, kFwdRows);
         else launch(ln_mod_fwd_warp<TX, TM, NC, 1, 1>, 1);
       }
@@ -299,7 +299,7 @@ int ln_mod_jvp(const void* x, const float* x_dot, const float* mean, const float
           constexpr int NC = decltype(nc)::value;
           // kAuto: the warp-per-row kernel where ptxas fitted it in registers (spills at most kSpillSlack bytes;
           // NC = 8, D > 1536, does not), else the wide JVP; the explicit bases run the warp kernel regardless
-          static const bool fits = spills_at_most(kSpillSlack, ln_mod_jvp_warp<TX, TM, TY, NC>);
+          const bool fits = fits_in_registers(ln_mod_jvp_warp<TX, TM, TY, NC>);
           if ((variant & kBaseMask) == kAuto && !fits) run_wide();
           else args(ln_mod_jvp_warp<TX, TM, TY, NC>, grid, block);
         });

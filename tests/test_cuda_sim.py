@@ -174,10 +174,32 @@ def test_backward_falls_back_when_shared_memory_is_short(sim, smem_kib):
         sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
 
 
+def test_spill_reading_is_cached_per_device(sim):
+    """Whether a kernel fits in registers is read per (kernel, device) (the compiled code differs between card
+    architectures): in one process, a card whose kernels report 100 spilled bytes runs kAuto's wide JVP at D = 2048,
+    the next card (no spill) the warp-per-row kernel, and a third like the first the wide one again; the first
+    card's answer does not stick."""
+    names = _kernel_names(sim)
+    prev = sim.cuda_fast_path(1)
+    try:
+        for spill, want in ((100, "wide"), (0, "warp"), (100, "wide")):
+            sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=spill)  # a new device
+            d = operands((1, 3, 2048), F32, BF16)
+            _, mean, rstd = sim.ln_mod_fwd(d["x"], [d["mods"][0]], [d["mods"][1]], 1e-6)
+            sim.sim_launches()
+            args = (d["x"], d["x_dot"], mean, rstd, d["mods"][1], d["mods_dot"][0], d["mods_dot"][1], True)
+            close("jvp", sim.ln_mod_jvp(*args), C.ln_mod_jvp(*args))
+            ks = [n for n, _ in _launched(sim, names)]
+            assert ks and all(f"ln_mod_jvp_{want}<" in n for n in ks), (spill, ks)
+    finally:
+        sim.cuda_fast_path(prev)
+        sim.sim_configure(sms=4, blocks_per_sm=2, smem_optin=227 * 1024, local_bytes=0)
+
+
 @pytest.mark.parametrize("spill", [0, 100])
 def test_preload_choice_follows_reported_spills(sim, spill):
-    """kAuto holds the next row in registers only in kernels that spill at most 16 bytes (read once per kernel and
-    process, so each case runs in a fresh process configured before its first launch): with every kernel reporting
+    """kAuto holds the next row in registers only in kernels that spill at most 16 bytes (read per kernel and device;
+    each case runs in a fresh process configured before its first launch): with every kernel reporting
     100 spilled bytes it takes the one-row kernels, with 0 the preloading ones (and the two-rows and wide-backward
     options apply only at 0); its JVP is the wide layout at 100 and the warp-per-row kernel at 0 (the explicit
     base 3 runs the warp kernel either way); the results are the CPU twin's either way."""

@@ -19,9 +19,7 @@
 // shared memory, spilled bytes. CUDA events read an emulated clock that each launch advances by its kernel's cost
 // (set_kernel_cost; 1 ms by default), so the tuned variant's choice follows costs a test sets;
 // cudaStreamIsCapturing reports what set_capturing said. Each configure() presents a new device ordinal, so the
-// launchers' per-device caches (resident blocks, the tuned variant's choices) see a different card; their
-// per-kernel caches (spills, read once per process) do not change: a test of the spill heuristic configures before
-// the first launch, in a fresh process.
+// launchers' per-device caches (resident blocks, spills, the tuned variant's choices) see a different card.
 #pragma once
 #ifndef DUMO_CUDA_SIM
 #error "cuda_sim.h is for builds with -DDUMO_CUDA_SIM"
