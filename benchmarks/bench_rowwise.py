@@ -2,7 +2,8 @@
 DiT-XL/2 row shapes (T = 256 tokens, D = 768 / 1152).
 
 Implementations: the PyTorch reference (the plain expressions the engine ran before these ops: F.layer_norm +
-modulate, jvp/fused.layernorm_modulate_tangent, autograd for backward), torch.compile of that reference (CUDA), and
+modulate, jvp/fused.layernorm_modulate_tangent, autograd for backward), torch.compile of that reference with its
+outputs in the dtypes our kernels write (CUDA; compiled_as_ours), and
 ours through ops/rowwise.py: the C++ CPU twin (CPU), the CUDA kernels and the Triton kernels (CUDA).
 Each row: ms (median, p20-p80; CUDA events on GPU), GB/s against the bytes the op must move
 (ops/rowwise_ref.rowwise_bytes: each input read once, each output written once), speedup vs the reference, and on
@@ -79,8 +80,31 @@ def _grad_fn(expr, leaves, grads):
     return lambda: torch.autograd.grad(out, leaves, grads[:len(out)], retain_graph=True)
 
 
+# The ops whose outputs our kernels write in the modulation dtype (what the engine's next GEMM reads under bf16
+# autocast), where the eager reference writes float32 (float32 LayerNorm x (1 + bf16 scale); the JVP's float32
+# tangent). torch.compile of the reference gets the same output contract (compiled_as_ours): otherwise it would write
+# twice the output bytes of ours and leave the cast to a later kernel, outside its timing.
+SAME_OUTPUT_DTYPE_OPS = ("ln_mod_fwd", "ln_mod_jvp", "ln_mod_bwd", "ln_dual_fwd", "ln_dual_bwd")
+
+
+def compiled_as_ours(op, out_dtype):
+    """expr_wrap for reference_fns: torch.compile of the expression with its outputs cast to out_dtype (inside the
+    compiled graph, so the cast is fused) for SAME_OUTPUT_DTYPE_OPS; for the backward ops the graph's outputs, and so
+    the incoming gradients, are then in out_dtype too, as for our kernels."""
+    def wrap(f):
+        if op in SAME_OUTPUT_DTYPE_OPS:
+            def cast(*a):
+                out = f(*a)
+                return tuple(o.to(out_dtype) for o in out) if isinstance(out, tuple) else out.to(out_dtype)
+
+            return torch.compile(cast, dynamic=False)
+        return torch.compile(f, dynamic=False)
+
+    return wrap
+
+
 def reference_fns(op, d, expr_wrap=lambda f: f):
-    """The reference (or, with expr_wrap=torch.compile, its compiled version) for one op."""
+    """The reference (or, with expr_wrap=compiled_as_ours(...), its compiled version) for one op."""
     x, (sh, sc, g, sh2, sc2, _), (shd, scd, gd, *_) = d["x"], d["mods"], d["mods_dot"]
     if op == "ln_mod_fwd":
         f = expr_wrap(ln_mod_expr)
@@ -164,7 +188,7 @@ def main() -> None:
     p.add_argument("--ops", default=",".join(OPS))
     p.add_argument("--shapes", default="B/2,XL/2")
     p.add_argument("--no-compile", action="store_true",
-                   help="skip the torch.compile rows (CUDA; they run for the fp32-residual+bf16 training dtype)")
+                   help="skip the torch.compile rows (CUDA; every dtype mix, outputs in our kernels' dtypes)")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few iterations (smoke run)")
     p.add_argument("--iters", type=int, default=0)
     p.add_argument("--cuda-variants", action="store_true",
@@ -224,9 +248,9 @@ def main() -> None:
 
                 t_ref = timed(reference_fns(op, d))
                 row("pytorch", t_ref)
-                if cuda and not args.no_compile and dlabel == dtypes[0][0]:  # compile rows: the training dtype
+                if cuda and not args.no_compile:
                     try:
-                        t_c = timed(reference_fns(op, d, lambda f: torch.compile(f, dynamic=False)))
+                        t_c = timed(reference_fns(op, d, compiled_as_ours(op, tm)))
                         row("torch.compile", t_c, t_ref.median_ms)
                     except Exception as e:  # noqa: BLE001 - report and go on: the other rows still count
                         print(f"[bench_rowwise] torch.compile failed for {op}: {type(e).__name__}: {e}")

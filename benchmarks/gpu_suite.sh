@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared GPU check: build the CUDA extension, run the GPU tests and every benchmark, results under $OUT,
-# within its stage timeouts (690 s in all, QUICK 660 s: bounds, not expected times; QUICK=1 ran in about 160 s on an
-# H100 with four kernel variants, 2026-11-27; the build takes about 50 s). Benchmark rows are written one by one, so
+# within its stage timeouts (670 s in all, QUICK 655 s: bounds, not expected times; QUICK=1 ran in about 160 s on an
+# H100 with four kernel variants and 8 torch.compile graphs, 2026-11-27; it now compiles 32 graphs, both dtype mixes
+# at both shapes, and times 15 CUDA variants; the build takes about 50 s). Benchmark rows are written one by one, so
 # a timeout keeps what was measured. Files under $OUT (at most 8 come back): suite.log (everything printed), build.log, and one
 # JSONL per benchmark.
 # Run from the repository root on the lent GPU machine (device tool), e.g.
@@ -10,8 +11,8 @@
 # PROFILE=1: build, then Nsight Compute (if the image has ncu) on the row-wise kernels still below 80% of the copy
 # bandwidth, sections written to ncu.csv (benchmarks/profile_rowwise.py runs the ops).
 # QUICK=1: build, the CUDA row-wise tests under every kernel variant and the fused pass on them,
-# bench_rowwise with the CUDA kernel variants (XL/2 rows with torch.compile, B/2 rows without; rowwise_table.md
-# puts every variant of a row side by side), and the B/2 train step with and without the row-wise kernels.
+# bench_rowwise with the CUDA kernel variants and torch.compile (XL/2 rows, then B/2; rowwise_table.md puts every
+# variant of a row side by side), and the B/2 train step with and without the row-wise kernels.
 set -uo pipefail
 QUICK=${QUICK:-0}
 cd "$(dirname "$0")/.."
@@ -33,7 +34,7 @@ stamp "env"; tail -n 4 "$LOG"
 
 # C++/CUDA extension (csrc/): sm_90a only here (the lent cards are Hopper; CI compile-checks sm_80 and sm_90a)
 stamp "build dumo_engine._C with CUDA (TORCH_CUDA_ARCH_LIST=9.0a)"
-TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 200 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
+TORCH_CUDA_ARCH_LIST=9.0a MAX_JOBS=16 timeout 150 python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1
 echo "build exit $?" | tee -a "$LOG"; tail -n 3 "$OUT/build.log"
 python3 -c "import torch, dumo_engine._C as C; print('dumo_engine._C with_cuda =', C.with_cuda())" 2>&1 | tee -a "$LOG"
 
@@ -59,13 +60,13 @@ if [ "$QUICK" = 1 ]; then
   stamp "GPU tests (quick): CUDA row-wise kernels under every kernel variant, the fused pass on them"
   # the bad-input checks first, on their own (a crash there under torch 2.11 used to end the whole test run)
   timeout 30 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py -k "bad_inputs" 2>&1 | tee -a "$LOG" | tail -n 4
-  timeout 180 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py tests/test_gpu.py -k "not triton and not bad_inputs" 2>&1 | tee -a "$LOG" | tail -n 12
-  stamp "bench_rowwise (quick: XL/2 rows with torch.compile, B/2 rows without; CUDA variants)"
-  timeout 120 python3 benchmarks/bench_rowwise.py --shapes XL/2 --iters 20 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
-  timeout 70 python3 benchmarks/bench_rowwise.py --shapes B/2 --iters 20 --cuda-variants --no-compile --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py tests/test_gpu.py -k "not triton and not bad_inputs" 2>&1 | tee -a "$LOG" | tail -n 12
+  stamp "bench_rowwise (quick: XL/2 then B/2 rows, torch.compile and the CUDA variants)"
+  timeout 150 python3 benchmarks/bench_rowwise.py --shapes XL/2 --iters 20 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
+  timeout 130 python3 benchmarks/bench_rowwise.py --shapes B/2 --iters 20 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
   python3 benchmarks/rowwise_table.py "$OUT/rowwise.jsonl" 2>&1 | tee "$OUT/rowwise_table.md" | tee -a "$LOG"
   stamp "bench_train_step (quick: B/2 b64, fused with and without the row-wise kernels)"
-  timeout 60 python3 benchmarks/bench_train_step.py --models DiT-B/2 --batch 64 --iters 5 --no-own-batch \
+  timeout 45 python3 benchmarks/bench_train_step.py --models DiT-B/2 --batch 64 --iters 5 --no-own-batch \
     --kinds dumo_fused,dumo_fused_torch_rowwise --out "$OUT/train_step.jsonl" >> "$LOG" 2>&1
   tail -n 5 "$LOG"
   stamp "done (quick)"
@@ -77,11 +78,11 @@ timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_rowwise.py tests
   tests/test_gpu.py tests/test_attention_jvp.py tests/test_fused_jvp.py -k "not ddp" 2>&1 | tee -a "$LOG" | tail -n 12
 
 stamp "bench_rowwise (B/2, XL/2 rows; pytorch, torch.compile, cuda, triton)"
-timeout 140 python3 benchmarks/bench_rowwise.py --iters 30 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
+timeout 200 python3 benchmarks/bench_rowwise.py --iters 30 --cuda-variants --out "$OUT/rowwise.jsonl" >> "$LOG" 2>&1
 python3 benchmarks/rowwise_table.py "$OUT/rowwise.jsonl" 2>&1 | tee "$OUT/rowwise_table.md" | tee -a "$LOG"
 
 stamp "bench_train_step (XL/2, B/2, bf16)"
-timeout 130 python3 benchmarks/bench_train_step.py --iters 5 --out "$OUT/train_step.jsonl" >> "$LOG" 2>&1
+timeout 100 python3 benchmarks/bench_train_step.py --iters 5 --out "$OUT/train_step.jsonl" >> "$LOG" 2>&1
 tail -n 16 "$LOG"
 
 if [ -f benchmarks/bench_attention_jvp.py ]; then
