@@ -159,6 +159,36 @@ def test_non_contiguous_inputs():
     check_against_reference(xs, torch.float32)
 
 
+@needs_kernel
+def test_offsets_past_2_31_elements():
+    """A per-sample stride of 2^30 elements (a large batch of qkv views): sample 2 starts 2^31 elements past sample 0,
+    beyond int32. The kernels index in int64: the forward (O, O_dot, lse) and the backward (dQ, dK, dV) of every
+    sample match the reference on contiguous copies; 2^31 elements before sample 2 holds a decoy, which an int32
+    offset that wrapped would read. The buffer is 8 GiB of address space, almost all of it never touched."""
+    N, H, T, D = 3, 1, 16, 16
+    sn, off = 2**30, 2**31
+    big = torch.empty(off + (N - 1) * sn + T * D, dtype=torch.float16, device=DEV)
+    g = torch.Generator().manual_seed(7)
+    data = [torch.randn(N, H, T, D, generator=g).half().to(DEV) for _ in range(7)]
+    q = big.as_strided((N, H, T, D), (sn, T * D, D, 1), off)
+    q.copy_(data[0])
+    big[: T * D].fill_(30.0)  # where q[2] would be read from after a wrap
+    k, v, qd, kd, vd, do = data[1:]
+    o, od, lse = mod.attention_jvp_fwd_triton(q, k, v, qd, kd, vd)
+    o_r, od_r, lse_r = mod.attention_jvp_fwd_triton(data[0], k, v, qd, kd, vd)
+    for n in range(N):  # the same kernel on contiguous inputs: identical results expected
+        torch.testing.assert_close(lse[n], lse_r[n], rtol=0, atol=0)
+        torch.testing.assert_close(o[n], o_r[n], rtol=0, atol=0)
+        torch.testing.assert_close(od[n], od_r[n], rtol=0, atol=0)
+    want = mod.attention_jvp_fwd_torch(*(t.float() for t in (data[0], k, v, qd, kd, vd)))
+    torch.testing.assert_close(lse.float(), want[2].float(), rtol=1e-3, atol=1e-3)
+    grads = mod.attention_bwd_triton(do, q, k, v, o, lse)
+    grads_r = mod.attention_bwd_triton(do, data[0], k, v, o, lse)
+    for a, b in zip(grads, grads_r):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    del big
+
+
 # ---------------------------------------------------------------------------------------------------
 # custom op: schema/fake/autograd registration, torch.compile tracing, saved tensors
 # ---------------------------------------------------------------------------------------------------

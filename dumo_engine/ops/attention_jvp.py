@@ -92,8 +92,8 @@ def _attn_jvp_fwd_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n = pid_bh // H
-    h = pid_bh % H
+    n = (pid_bh // H).to(tl.int64)  # int64: n * stride passes 2^31 elements at large batches
+    h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -178,8 +178,8 @@ def _attn_bwd_dkdv_kernel(
     # P = exp(S - lse), dV += P^T dO, dS = P o (dO V^T - delta), dK += dS^T Q scale   (delta = rowsum(dO o O))
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n = pid_bh // H
-    h = pid_bh % H
+    n = (pid_bh // H).to(tl.int64)  # int64: n * stride passes 2^31 elements at large batches
+    h = (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -230,8 +230,8 @@ def _attn_bwd_dq_kernel(
     # one program = one query block; loops over key blocks: dQ += dS K scale
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n = pid_bh // H
-    h = pid_bh % H
+    n = (pid_bh // H).to(tl.int64)  # int64: n * stride passes 2^31 elements at large batches
+    h = (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
