@@ -20,6 +20,8 @@ from typing import Any, Optional
 import torch
 from safetensors.torch import load_file, save_file
 
+from .fsio import fsync_dir, write_text_atomic
+
 FORMAT_VERSION = 1
 FILES = ("model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors")
 
@@ -34,29 +36,6 @@ def _sha256(path: str) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write a small text file so that a reader sees the old or the new content, whole, even after a crash: a
-    temporary file, fsynced, renamed over path, then the directory fsynced (so the rename itself is durable)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -138,13 +117,13 @@ def publish(root: str, name: str, tmp: str, state: dict, keep: int) -> str:
     """Write state.json into tmp, rename tmp to its final name, then point `latest` at it (each step atomic)."""
     final = os.path.join(root, name)
     _write_json_atomic(os.path.join(tmp, "state.json"), state)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     old = None
     if os.path.exists(final):  # re-saving a step (after resuming from an older checkpoint): move the old one aside
         old = f"{tmp}_replaced"  # a .tmp_ name: a save killed before the rmtree below leaves it for stage_dir
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
     write_text_atomic(os.path.join(root, "latest"), name + "\n")
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -321,19 +321,10 @@ def to_flat_dict(cfg: RunConfig) -> dict:
 
 
 def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
-    """Written atomically (temporary file, fsync, rename, directory fsync): a reader sees the old or the new file."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    """Written atomically (fsio.write_text_atomic): a reader sees the old or the new file."""
+    from .fsio import write_text_atomic
+
+    write_text_atomic(os.fspath(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def from_dict(data: dict) -> RunConfig:

@@ -13,6 +13,7 @@ import torch
 from . import checkpoint as ckpt_io
 from .config import ConfigError, RunConfig, save_config, to_flat_dict
 from .data import DigitsData
+from .fsio import write_text_atomic
 from .models import build_model, load_pretrained_dit
 from .objectives import OBJECTIVES, GuidanceConfig
 
@@ -128,7 +129,7 @@ def _trim_log(path: str, last_step: int) -> None:
                 continue
             if row.get("step", 0) <= last_step:
                 keep.append(json.dumps(row) + "\n")
-    ckpt_io.write_text_atomic(path, "".join(keep))
+    write_text_atomic(path, "".join(keep))
 
 
 def _archive_previous(run_dir: str) -> None:

@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ..checkpoint import write_text_atomic
+from ..fsio import write_text_atomic
 from ..sampling import sample
 from .digits import DigitsJudge, save_grid
 
