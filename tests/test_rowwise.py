@@ -558,3 +558,98 @@ def test_planned_tiles_match_fixed_tiles(N, T, D):
                 assert e < 1e-5, (name, i, e)
             else:  # column sums over T rows, rounded to bf16: at most an ulp apart where the fp32 order differs
                 assert e < 1e-2, (name, i, e)
+
+
+@pytest.mark.parametrize("impl,device", [c for c in CASES if "triton" not in str(c)] + [("torch", "cpu")])
+def test_double_backward_raises_instead_of_dropping_terms(use_impl, impl, device):
+    """The kernels' backward builds no graph, and the reference's treats mean and rstd as constants: a second
+    derivative through either would be wrong without a word (a gradient penalty through the gated residual came out
+    247 instead of 2980). Both backwards are once-differentiable: create_graph works, differentiating again raises."""
+    impl = use_impl(impl)
+    x, sh, sc = rnd(2, 5, 16, device=device), rnd(2, 16, device=device, seed=1), rnd(2, 16, device=device, seed=2)
+    g, h = rnd(2, 16, device=device, seed=3), rnd(2, 5, 16, device=device, seed=4)
+    cases = ((lambda a, b, c: rw.layernorm_modulate(a, b, c, impl=impl)[0], (x, sh, sc)),
+             (lambda a, b, c: rw.gated_residual(a, b, h, impl=impl) * c[:, None], (x, g, sc)))
+    for make, args in cases:
+        leaves = [t.detach().clone().requires_grad_(True) for t in args]
+        out = make(*leaves)
+        grads = torch.autograd.grad(out.pow(2).sum(), leaves[:2], create_graph=True)
+        with pytest.raises(RuntimeError, match="differentiate twice"):
+            sum(t.pow(2).sum() for t in grads).backward()
+        with pytest.raises(RuntimeError):  # to named inputs: the graph ends at the once-differentiable node
+            torch.autograd.grad(sum(t.pow(2).sum() for t in grads), leaves[1])
+
+
+def test_backward_runs_the_implementation_its_forward_ran(monkeypatch):
+    """ctx.which is what this forward chose, not last_impl()'s entry, which another thread's call may have replaced
+    meanwhile (a float64 forward then ran the float32-only C++ backward: "mean must be float32, got Double")."""
+    if not HAS_EXT:
+        pytest.skip("needs the C++ extension")
+    monkeypatch.delenv("DUMO_ROWWISE_IMPL", raising=False)
+    real = ref.ln_mod_fwd
+
+    def racing(*a, **k):  # the reference forward, with another thread's float32 call landing in between
+        out = real(*a, **k)
+        rw._last["ln_mod_fwd"] = "cpp"
+        return out
+
+    monkeypatch.setattr(ref, "ln_mod_fwd", racing)
+    x, sh, sc = (t.double().requires_grad_(True) for t in (rnd(2, 3, 8), rnd(2, 8, seed=1), rnd(2, 8, seed=2)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = rw.layernorm_modulate(x, sh, sc)[0]
+    gx, gsh, gsc = torch.autograd.grad(y, (x, sh, sc), torch.ones_like(y))
+    want = torch.autograd.grad(ln_mod_expr(x, sh, sc), (x, sh, sc), torch.ones_like(y))
+    for a, b in zip((gx, gsh, gsc), want):
+        assert a.dtype == torch.float64 and rel(a, b) < 1e-12
+
+
+def test_mixed_modulation_dtypes_keep_each_gradient_in_its_own_dtype():
+    """shift float32 and scale bfloat16 fall back to the reference; the shift gradient is a float32 column sum, not
+    one rounded to the scale's bfloat16 (1.4e-3 relative error before)."""
+    x = rnd(2, 64, 32)
+    sh = rnd(2, 32, seed=1).requires_grad_(True)
+    sc = rnd(2, 32, seed=2).bfloat16().requires_grad_(True)
+    gy = rnd(2, 64, 32, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y = rw.layernorm_modulate(x, sh, sc)[0]
+    assert rw.last_impl()["ln_mod_fwd"] == "torch" and y.dtype == torch.float32
+    gsh, gsc = torch.autograd.grad(y, (sh, sc), gy)
+    assert gsh.dtype == torch.float32 and gsc.dtype == torch.bfloat16
+    assert rel(gsh.double(), gy.double().sum(1)) < 1e-6
+
+
+def test_cuda_hidden_size_limit_falls_back_for_every_op():
+    """The CUDA kernels take D <= 4096 (every op, not only the LayerNorm forward): past it, each op's dispatch names
+    the reason and runs Triton or the reference instead of raising from the extension."""
+    class CudaLike:  # what the dispatch reads of a CUDA tensor (no GPU here; the GPU test below runs the ops)
+        is_cuda = True
+
+        def __init__(self, D):
+            self.shape = (1, 1, D)
+
+        def dim(self):
+            return 3
+
+    assert rw._hidden_reason(CudaLike(4097)) == "hidden size 4097 > 4096"
+    assert rw._hidden_reason(CudaLike(4096)) is None and rw._hidden_reason(torch.zeros(1, 1, 8192)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (HAS_CUDA and HAS_EXT and rw.extension().with_cuda()), reason="needs the CUDA extension")
+def test_cuda_ops_past_the_hidden_size_limit_fall_back():
+    d = "cuda"
+    x, xd = rnd(2, 3, 4100, device=d), rnd(2, 3, 4100, device=d, seed=5)
+    g, gd, h, hd = (rnd(2, 4100, device=d, seed=1), rnd(2, 4100, device=d, seed=2), rnd(2, 3, 4100, device=d, seed=3),
+                    rnd(2, 3, 4100, device=d, seed=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        y, mean, rstd = rw.layernorm_modulate(x, g, gd)
+        out = rw.gated_residual(x, g, h)
+        yd = rw.layernorm_modulate_jvp(x, xd, mean, rstd, gd, g, g)
+        od = rw.gated_residual_jvp(xd, g, gd, h, hd)
+    for op in ("ln_mod_fwd", "gated_fwd", "ln_mod_jvp", "gated_jvp"):
+        assert rw.last_impl()[op] != "cuda", op
+    assert rel(out, ref.gated_fwd(x, g, h)) < 1e-6 and rel(od, ref.gated_jvp(xd, g, gd, h, hd)) < 1e-6
+    assert rel(yd, ref.ln_mod_jvp(x, xd, mean, rstd, gd, g, g)) < 1e-5 and rel(y, ref.ln_mod_fwd(x, g, gd)[0]) < 1e-5

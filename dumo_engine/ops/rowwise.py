@@ -24,6 +24,7 @@ import warnings
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import rowwise_ref as ref
 
@@ -129,22 +130,27 @@ def _mod_dtype_reason(dtypes) -> Optional[str]:
     return None if len(set(dtypes)) == 1 else f"mixed modulation dtypes {sorted(map(str, set(dtypes)))}"
 
 
+def _hidden_reason(x) -> Optional[str]:
+    """The CUDA kernels take hidden sizes up to _MAX_CUDA_HIDDEN (every op; the CPU twins have no limit)."""
+    D = x.shape[-1] if x.dim() else 0
+    return f"hidden size {D} > {_MAX_CUDA_HIDDEN}" if x.is_cuda and D > _MAX_CUDA_HIDDEN else None
+
+
 # ---------------------------------------------------------------------------------------------------
 # kernel-level calls (no autograd), one per op and implementation
 # ---------------------------------------------------------------------------------------------------
 def _ln_fwd(x, shifts, scales, eps, impl):
-    """[y_k...] + [mean, rstd] for one or two modulations; y_k in the modulation dtype."""
+    """(which, [y_k...] + [mean, rstd]) for one or two modulations; y_k in the modulation dtype. The implementation
+    that ran is returned, not read back from last_impl(): another thread's call may have replaced it there."""
     op = "ln_mod_fwd" if len(shifts) == 1 else "ln_dual_fwd"
-    cuda_big = x.is_cuda and x.shape[-1] > _MAX_CUDA_HIDDEN
     which = _choose(op, x, impl, [x, *shifts, *scales],
-                    extra_reason=_mod_dtype_reason([t.dtype for t in (*shifts, *scales)])
-                    or (f"hidden size {x.shape[-1]} > {_MAX_CUDA_HIDDEN}" if cuda_big else None))
+                    extra_reason=_mod_dtype_reason([t.dtype for t in (*shifts, *scales)]) or _hidden_reason(x))
     if which in ("cuda", "cpp"):
-        return extension().ln_mod_fwd(x, list(shifts), list(scales), float(eps))
+        return which, extension().ln_mod_fwd(x, list(shifts), list(scales), float(eps))
     mod = _triton() if which == "triton" else ref
     if len(shifts) == 1:
-        return list(mod.ln_mod_fwd(x, shifts[0], scales[0], eps))
-    return list(mod.ln_dual_fwd(x, shifts[0], scales[0], shifts[1], scales[1], eps))
+        return which, list(mod.ln_mod_fwd(x, shifts[0], scales[0], eps))
+    return which, list(mod.ln_dual_fwd(x, shifts[0], scales[0], shifts[1], scales[1], eps))
 
 
 def _ln_bwd(gys, x, mean, rstd, scales, which):
@@ -176,8 +182,7 @@ class _LayerNormModulate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, eps, impl, *mods):
         shifts, scales = list(mods[0::2]), list(mods[1::2])
-        out = _ln_fwd(x, shifts, scales, eps, impl)
-        ctx.which = _last["ln_mod_fwd" if len(shifts) == 1 else "ln_dual_fwd"]
+        ctx.which, out = _ln_fwd(x, shifts, scales, eps, impl)
         ctx.k = len(shifts)
         mean, rstd = out[-2], out[-1]
         ctx.save_for_backward(x, mean, rstd, *scales)
@@ -186,6 +191,7 @@ class _LayerNormModulate(torch.autograd.Function):
         return tuple(out)
 
     @staticmethod
+    @once_differentiable  # the kernels' backward builds no graph: a double backward raises instead of dropping terms
     def backward(ctx, *grads):
         x, mean, rstd, *scales = ctx.saved_tensors
         gys = grads[:ctx.k]
@@ -202,7 +208,8 @@ class _LayerNormModulate(torch.autograd.Function):
 class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, h, impl):
-        which = _choose("gated_fwd", x, impl, [x, g, h], extra_reason=_mod_dtype_reason([g.dtype, h.dtype]))
+        which = _choose("gated_fwd", x, impl, [x, g, h],
+                        extra_reason=_mod_dtype_reason([g.dtype, h.dtype]) or _hidden_reason(x))
         if which in ("cuda", "cpp"):
             out = extension().gated_fwd(x, g, h)
         else:
@@ -212,6 +219,7 @@ class _GatedResidual(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # as above (gx = gout would stay differentiable while gg and gh did not)
     def backward(ctx, gout):
         g, h = ctx.saved_tensors
         need_x, need_g, need_h = ctx.needs_input_grad[:3]
@@ -240,7 +248,8 @@ def layernorm_modulate_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, ou
     """y_dot from the saved statistics; out_dtype: float32 (default) or scale's dtype."""
     out_dtype = out_dtype or torch.float32
     reason = (_mod_dtype_reason([scale.dtype, shift_dot.dtype, scale_dot.dtype])
-              or (None if out_dtype in (torch.float32, scale.dtype) else f"out_dtype {out_dtype}"))
+              or (None if out_dtype in (torch.float32, scale.dtype) else f"out_dtype {out_dtype}")
+              or _hidden_reason(x))
     which = _choose("ln_mod_jvp", x, impl, [x, scale, shift_dot, scale_dot], [x_dot], extra_reason=reason)
     if which in ("cuda", "cpp"):
         return extension().ln_mod_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, out_dtype == torch.float32)
@@ -257,7 +266,7 @@ def gated_residual(x, g, h, impl: Optional[str] = None):
 def gated_residual_jvp(x_dot, g, g_dot, h, h_dot, impl: Optional[str] = None):
     """out_dot = x_dot + g_dot h + g h_dot, float32."""
     which = _choose("gated_jvp", x_dot, impl, [g, g_dot, h, h_dot], [x_dot],
-                    extra_reason=_mod_dtype_reason([g.dtype, g_dot.dtype, h.dtype, h_dot.dtype]))
+                    extra_reason=_mod_dtype_reason([g.dtype, g_dot.dtype, h.dtype, h_dot.dtype]) or _hidden_reason(x_dot))
     if which in ("cuda", "cpp"):
         return extension().gated_jvp(x_dot, g, g_dot, h, h_dot)
     mod = _triton() if which == "triton" else ref

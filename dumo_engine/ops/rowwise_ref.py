@@ -64,7 +64,7 @@ def ln_mod_bwd(gys, x, mean, rstd, scales):
     n = _norm(x, mean, rstd)
     g = sum(_f(gy) * (1 + _f(s)[:, None]) for gy, s in zip(gys, scales))
     gx = rstd[..., None] * (g - g.mean(-1, keepdim=True) - n * (g * n).mean(-1, keepdim=True))
-    gshift = [_f(gy).sum(1).to(s.dtype) for gy, s in zip(gys, scales)]
+    gshift = [_f(gy).sum(1).to(gy.dtype) for gy in gys]  # y_k, so gy_k, is in shift_k's dtype
     gscale = [(_f(gy) * n).sum(1).to(s.dtype) for gy, s in zip(gys, scales)]
     return gx.to(x.dtype), gshift, gscale
 
