@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .objective_rules import flow_map_option_problem
+
 
 class ConfigError(ValueError):
     """A bad configuration value; the message names the key."""
@@ -221,6 +223,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not (o.cfg_w == 1.0 and o.cfg_k == 0.0) and o.label_dropout == 0.0:
         raise ConfigError("objective.label_dropout must be > 0 when CFG is on (cfg_w/cfg_k): "
                           "otherwise the NULL class that the unconditional branch uses is never trained")
+    if o.name in ("dumo", "meanflow"):
+        problem = flow_map_option_problem(o.name, o.tangent, o.target_velocity, o.lambda_v,
+                                          not (o.cfg_w == 1.0 and o.cfg_k == 0.0))
+        if problem:
+            raise ConfigError(problem)
     if not 0.0 < cfg.sample.t_mid < 1.0:
         raise ConfigError(f"sample.t_mid must be in (0, 1), got {cfg.sample.t_mid}")
     if cfg.objective.cfg_t_lo > cfg.objective.cfg_t_hi:

@@ -45,6 +45,10 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
     (["--sample.seed=4294967296"], "sample.seed"),
     (["--data.test_fraction=0.001"], "data.test_fraction"),  # 2 held-out images for 10 classes
     (["--data.test_fraction=0.999", "--train.batch_size=1"], "data.test_fraction"),
+    # combinations that cannot learn (dumo_engine/objective_rules.py): refused before anything is built
+    (["--objective.name=meanflow", "--objective.target_velocity=model"], "objective.target_velocity=model"),
+    (["--objective.lambda_v=0", "--objective.tangent=model"], "objective.lambda_v=0"),
+    (["--objective.lambda_v=0", "--objective.cfg_w=0.5", "--objective.cfg_k=0.3"], "objective.lambda_v=0"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

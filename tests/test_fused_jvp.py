@@ -269,3 +269,31 @@ def test_whole_model_with_rowwise_ops_matches_reference(kind, h_in_trunk, monkey
     for k in g_ref:
         assert torch.allclose(g_k[k], g_ref[k], rtol=1e-4, atol=1e-6), k
         assert torch.allclose(g_k[k], g_p[k], rtol=1e-4, atol=1e-6), k
+
+
+def test_cuda_without_triton_warns_once_naming_the_attention_fallback(monkeypatch):
+    """On CUDA without triton the fused pass runs SDPA + attention_tangent (the (N, H, T, T) float32 probabilities and
+    their tangent materialised per block): said once, naming the cause, instead of silently."""
+    import warnings
+
+    from dumo_engine.jvp import fused
+    from dumo_engine.ops import attention_jvp as op
+
+    class CudaQ:  # what use_triton_attention reads of a CUDA tensor (no GPU here)
+        is_cuda = True
+
+    monkeypatch.delenv("DUMO_FUSED_ATTN", raising=False)
+    monkeypatch.setattr(fused, "_WARNED", set())
+    monkeypatch.setattr(op, "triton", None)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert fused.use_triton_attention(CudaQ()) is False
+        assert fused.use_triton_attention(CudaQ()) is False
+    msgs = [str(m.message) for m in w]
+    assert len(msgs) == 1 and "triton is not importable" in msgs[0] and "(N, H, T, T)" in msgs[0], msgs
+    monkeypatch.setenv("DUMO_FUSED_ATTN", "torch")  # the opt-out is asked for: no warning
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        monkeypatch.setattr(fused, "_WARNED", set())
+        assert fused.use_triton_attention(CudaQ()) is False
+    assert not w

@@ -144,18 +144,18 @@ def test_meanflow_identity_single_point():
     assert ((v - b4(h.double()) * dudt0 - v).norm() / v.norm()).item() > 1e-2
 
 
-def test_self_bootstrapped_meanflow_loss_vanishes_on_exact_field():
-    """End to end: MeanFlow with tangent = target = model velocity and the exact Gaussian field as the model has
-    L_u = 0 (the identity holds inside the loss); with the data tangent it does not."""
+def test_self_bootstrapped_dumo_loss_vanishes_on_exact_field():
+    """End to end: DuMo with tangent = target = model velocity (its v head) and the exact Gaussian field as the
+    model has L_u = 0 (the identity holds inside the loss); with the data tangent and target it does not."""
     f = GaussianField((2, 3, 3), seed=6)
     g = torch.Generator().manual_seed(7)
     x = f.mu + f.s * torch.randn(16, 2, 3, 3, generator=g, dtype=torch.float64)
     x = x.float()
     y = torch.randint(0, NUM_CLASSES, (16,), generator=g)
-    obj = MeanFlow(NUM_CLASSES, equal_fraction=0.0, tangent="model", target_velocity="model", adaptive_p=0.0)
+    obj = DuMo(NUM_CLASSES, equal_fraction=0.0, tangent="model", target_velocity="model", adaptive_p=0.0)
     torch.manual_seed(8)
     _, m_model = obj.loss(f.model, x, y)
-    obj_data = MeanFlow(NUM_CLASSES, equal_fraction=0.0, adaptive_p=0.0)
+    obj_data = DuMo(NUM_CLASSES, equal_fraction=0.0, adaptive_p=0.0)
     torch.manual_seed(8)
     _, m_data = obj_data.loss(f.model, x, y)
     assert m_model["mse_u"].item() < 1e-9
@@ -416,7 +416,7 @@ def test_dumo_gradient_by_hand():
 
 @pytest.mark.parametrize("cls,tangent,target", [
     (DuMo, "model", "data"), (DuMo, "data", "model"), (DuMo, "model", "model"),
-    (MeanFlow, "model", "data"), (MeanFlow, "model", "model"),
+    (MeanFlow, "model", "data"),
 ])
 def test_model_tangent_and_target_velocity(cls, tangent, target):
     """tangent / target_velocity = "model" use the velocity head at h = 0 (v head for DuMo, u head for MeanFlow),
@@ -446,6 +446,30 @@ def test_data_options_make_no_extra_call():
     stub = Stub(8)
     DuMo(NUM_CLASSES, guidance=GuidanceConfig(label_dropout=0.0)).loss(stub, x, y)
     assert [c["heads"] for c in stub.calls] == ["vu"]
+
+
+def test_meanflow_model_target_is_refused():
+    """MeanFlow's velocity is its own u head at h = 0, so target_velocity = "model" makes a u target that never sees
+    the data: u = 0 has zero loss, and a zero-initialised model stays there. Refused, naming the option."""
+    with pytest.raises(ValueError, match="target_velocity=model needs a trained velocity head"):
+        MeanFlow(NUM_CLASSES, target_velocity="model")
+    with pytest.raises(ValueError, match="target_velocity=model"):
+        MeanFlow(NUM_CLASSES, tangent="model", target_velocity="model")
+    MeanFlow(NUM_CLASSES, tangent="model")  # the u head's velocity as the tangent only: the target keeps the data
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    (dict(tangent="model"), "tangent=model"), (dict(target_velocity="model"), "target_velocity=model"),
+    (dict(guidance=GuidanceConfig(w=0.5, k=0.3)), "guidance"),
+])
+def test_dumo_without_v_loss_refuses_options_that_read_the_v_head(kwargs, named):
+    """lambda_v = 0 leaves the v head at its initial output; an option that reads it (the model tangent or target,
+    guidance) is refused, naming it. Without those, lambda_v = 0 is allowed (the v head is then unused)."""
+    assert GuidanceConfig(w=0.5, k=0.3).enabled
+    with pytest.raises(ValueError, match=f"lambda_v=0 leaves the v head untrained, but {named}"):
+        DuMo(NUM_CLASSES, lambda_v=0.0, **kwargs)
+    DuMo(NUM_CLASSES, lambda_v=0.0, guidance=GuidanceConfig(label_dropout=0.0))
+    DuMo(NUM_CLASSES, lambda_v=0.5, **kwargs)
 
 
 @pytest.mark.parametrize("kwargs", [

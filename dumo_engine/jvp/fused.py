@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -167,7 +168,17 @@ def use_triton_attention(q: torch.Tensor) -> bool:
         return False
     from ..ops import attention_jvp as op
 
-    return op.triton is not None
+    if op.triton is None:  # said once: the fallback materialises (N, H, T, T) float32 P and P o S_dot per block
+        if "no-triton" not in _WARNED:
+            _WARNED.add("no-triton")
+            warnings.warn("fused pass: the Triton attention-JVP kernel is unavailable (triton is not importable; "
+                          "pip install 'dumo-engine[triton]'); using SDPA + attention_tangent, which materialises the "
+                          "(N, H, T, T) attention probabilities and their tangent in float32", stacklevel=3)
+        return False
+    return True
+
+
+_WARNED: set = set()
 
 
 def _attention_jvp(attn, x, x_dot):

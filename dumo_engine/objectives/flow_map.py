@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from ..jvp import JVP_BACKENDS, flow_map_jvp
+from ..objective_rules import flow_map_option_problem
 
 # fused: the model's own forward + JVP pass (model(..., tangent=a)); func / forward_ad: the torch reference;
 # auto: fused on CUDA, func elsewhere.
@@ -104,6 +105,7 @@ class MeanFlow(_FlowMapObjective):
 
     def __init__(self, num_classes: int, equal_fraction: float = 0.75, **kw):
         super().__init__(num_classes, equal_fraction=equal_fraction, **kw)
+        _check_options(self)
 
 
 class DuMo(_FlowMapObjective):
@@ -117,3 +119,11 @@ class DuMo(_FlowMapObjective):
             raise ValueError(f"objective.lambda_v must be >= 0, got {lambda_v}")
         super().__init__(num_classes, equal_fraction=equal_fraction, **kw)
         self.lambda_v = lambda_v
+        _check_options(self)
+
+
+def _check_options(obj) -> None:
+    problem = flow_map_option_problem(obj.name, obj.tangent, obj.target_velocity, obj.lambda_v,
+                                      obj.guidance.enabled)
+    if problem:
+        raise ValueError(problem)
