@@ -78,17 +78,19 @@ void check_defined(const at::Tensor& t, const char* op, const char* name) {
   DUMO_CHECK(t.defined(), "dumo_engine._C.", op, ": ", name, " is undefined (None)");
 }
 
-void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+// ref: the name of x, the tensor the others are checked against ("x", or "x_dot" / "gout" for the gated ops)
+void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name,
+                       const char* ref = "x") {
   DUMO_CHECK(t.device() == x.device(), "dumo_engine._C.", op, ": ", name, " is on ", t.device().str(),
-              " but x is on ", x.device().str(), "; all inputs must be on one device");
+              " but ", ref, " is on ", x.device().str(), "; all inputs must be on one device");
 }
 
 // (N, T, D) row tensor: contiguous, same shape and device as the reference row tensor x.
-void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name) {
+void check_rows(const at::Tensor& t, const at::Tensor& x, const char* op, const char* name, const char* ref = "x") {
   check_defined(t, op, name);
-  check_same_device(t, x, op, name);
+  check_same_device(t, x, op, name, ref);
   DUMO_CHECK(t.sizes() == x.sizes(), "dumo_engine._C.", op, ": ", name, " has shape ", dims(t.sizes()),
-                    " but x has shape ", dims(x.sizes()));
+                    " but ", ref, " has shape ", dims(x.sizes()));
   DUMO_CHECK(t.is_contiguous(), "dumo_engine._C.", op, ": ", name, " must be contiguous (strides ",
                     dims(t.strides()), "); call .contiguous() first");
 }
@@ -135,9 +137,10 @@ Shape check_x(const at::Tensor& x, const char* op, const char* name = "x") {
 }
 
 // (N, D) per-sample vector with a unit last stride (row-strided views such as adaLN(c).chunk(6, 1) are fine).
-void check_vec(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name) {
+void check_vec(const at::Tensor& t, const at::Tensor& x, Shape s, const char* op, const char* name,
+               const char* ref = "x") {
   check_defined(t, op, name);
-  check_same_device(t, x, op, name);
+  check_same_device(t, x, op, name, ref);
   DUMO_CHECK(t.dim() == 2 && t.size(0) == s.N && t.size(1) == s.D, "dumo_engine._C.", op, ": ", name,
                     " must have shape (N, D) = (", s.N, ", ", s.D, "), got ", dims(t.sizes()));
   DUMO_CHECK(t.stride(1) == 1 || s.D == 1, "dumo_engine._C.", op, ": ", name,
@@ -343,10 +346,10 @@ at::Tensor gated_jvp(const at::Tensor& x_dot, const at::Tensor& g, const at::Ten
   const char* op = "gated_jvp";
   const Shape s = check_x(x_dot, op, "x_dot");
   check_dtype(x_dot, at::kFloat, op, "x_dot", "the tangent stream is float32");
-  check_vec(g, x_dot, s, op, "g");
-  check_vec(g_dot, x_dot, s, op, "g_dot");
-  check_rows(h, x_dot, op, "h");
-  check_rows(h_dot, x_dot, op, "h_dot");
+  check_vec(g, x_dot, s, op, "g", "x_dot");
+  check_vec(g_dot, x_dot, s, op, "g_dot", "x_dot");
+  check_rows(h, x_dot, op, "h", "x_dot");
+  check_rows(h_dot, x_dot, op, "h_dot", "x_dot");
   const DType tm = dtype_of(g, op, "g");
   check_dtype(g_dot, g.scalar_type(), op, "g_dot", "the gate and its tangent share a dtype");
   check_dtype(h, g.scalar_type(), op, "h", "the branch output and its gate share a dtype");
@@ -371,8 +374,8 @@ std::vector<at::Tensor> gated_bwd(const at::Tensor& gout, const at::Tensor& g, c
   const char* op = "gated_bwd";
   const Shape s = check_x(gout, op, "gout");
   check_bwd_grid(gout, s, op);
-  check_vec(g, gout, s, op, "g");
-  check_rows(h, gout, op, "h");
+  check_vec(g, gout, s, op, "g", "gout");
+  check_rows(h, gout, op, "h", "gout");
   const DType tx = dtype_of(gout, op, "gout");
   const DType tm = dtype_of(g, op, "g");
   check_dtype(h, g.scalar_type(), op, "h", "the branch output and its gate share a dtype");

@@ -38,7 +38,10 @@ inline float tof(T v) {
 inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)); }
 
 // ---------------------------------------------------------------------------------------------------------------
-// y_k = n (1 + scale_k) + shift_k,  n = (x - mean) rstd,  rstd = 1 / sqrt(var + eps)  (two-pass, from a row buffer)
+// y_k = n (1 + scale_k) + shift_k,  n = (x - mean) rstd,  rstd = 1 / sqrt(var + eps)
+// Corrected two-pass, from a row buffer: m = sum(x) / D, c = sum(x - m) / D (the float sum's error in m, measured on
+// the centred values), mean = m + c, var = sum((x - m)^2) / D - c^2. Without c, a row with a large common offset
+// lost float32 accuracy in the mean (offset 1e3, D 8192: 10x PyTorch's error), and so in y, and in gscale later.
 // ---------------------------------------------------------------------------------------------------------------
 template <typename TX, typename TM>
 void ln_fwd(const TX* x, const Mod* mods, int nmod, void* const* ys, float* mean, float* rstd, Shape s, float eps) {
@@ -54,21 +57,24 @@ void ln_fwd(const TX* x, const Mod* mods, int nmod, void* const* ys, float* mean
         nb[d] = tof(xr[d]);
         sum += nb[d];
       }
-      const float mu = sum / D;
-      float sq = 0.f;
-#pragma omp simd reduction(+ : sq)
+      const float m = sum / D;
+      float c = 0.f, sq = 0.f;
+#pragma omp simd reduction(+ : c, sq)
       for (int64_t d = 0; d < D; ++d) {
-        nb[d] -= mu;
+        nb[d] -= m;
+        c += nb[d];
         sq += nb[d] * nb[d];
       }
-      const float rs = 1.f / std::sqrt(sq / D + eps);
+      c /= D;
+      const float mu = m + c;
+      const float rs = 1.f / std::sqrt(std::max(sq / D - c * c, 0.f) + eps);
       const int64_t n = row / s.T;
       for (int k = 0; k < nmod; ++k) {
         const TM* sft = static_cast<const TM*>(mods[k].shift) + n * mods[k].shift_stride;
         const TM* scl = static_cast<const TM*>(mods[k].scale) + n * mods[k].scale_stride;
         TM* y = static_cast<TM*>(ys[k]) + row * D;
 #pragma omp simd
-        for (int64_t d = 0; d < D; ++d) y[d] = TM(nb[d] * rs * (1.f + tof(scl[d])) + tof(sft[d]));
+        for (int64_t d = 0; d < D; ++d) y[d] = TM((nb[d] - c) * rs * (1.f + tof(scl[d])) + tof(sft[d]));
       }
       mean[row] = mu;
       rstd[row] = rs;
