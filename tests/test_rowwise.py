@@ -627,7 +627,7 @@ def test_mixed_modulation_dtypes_keep_each_gradient_in_its_own_dtype():
     assert rel(gsh.double(), gy.double().sum(1)) < 1e-6
 
 
-def test_cuda_hidden_size_limit_falls_back_for_every_op():
+def test_cuda_hidden_size_limit_falls_back_for_every_op(monkeypatch):
     """The CUDA kernels take D <= 4096 (every op, not only the LayerNorm forward): past it, each op's dispatch names
     the reason and runs Triton or the reference instead of raising from the extension."""
     class CudaLike:  # what the dispatch reads of a CUDA tensor (no GPU here; the GPU test below runs the ops)
@@ -639,8 +639,16 @@ def test_cuda_hidden_size_limit_falls_back_for_every_op():
         def dim(self):
             return 3
 
+    class CudaExt:
+        @staticmethod
+        def with_cuda():
+            return True
+
+    monkeypatch.setattr(rw, "_ext", CudaExt)
+    monkeypatch.delenv("DUMO_ROWWISE_IMPL", raising=False)
     assert rw._hidden_reason(CudaLike(4097)) == "hidden size 4097 > 4096"
     assert rw._hidden_reason(CudaLike(4096)) is None and rw._hidden_reason(torch.zeros(1, 1, 8192)) is None
+    assert rw._hidden_reason(CudaLike(4097), "triton") is None  # Triton takes wide rows: no reason to leave it
 
 
 @pytest.mark.gpu

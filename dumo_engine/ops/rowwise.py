@@ -130,10 +130,14 @@ def _mod_dtype_reason(dtypes) -> Optional[str]:
     return None if len(set(dtypes)) == 1 else f"mixed modulation dtypes {sorted(map(str, set(dtypes)))}"
 
 
-def _hidden_reason(x) -> Optional[str]:
-    """The CUDA kernels take hidden sizes up to _MAX_CUDA_HIDDEN (every op; the CPU twins have no limit)."""
+def _hidden_reason(x, impl=None) -> Optional[str]:
+    """The CUDA kernels take hidden sizes up to _MAX_CUDA_HIDDEN (every op; the CPU twins and Triton have no such
+    limit, so it is a reason only where the CUDA extension would run)."""
     D = x.shape[-1] if x.dim() else 0
-    return f"hidden size {D} > {_MAX_CUDA_HIDDEN}" if x.is_cuda and D > _MAX_CUDA_HIDDEN else None
+    want = (impl or os.environ.get("DUMO_ROWWISE_IMPL", "auto")).lower()
+    if x.is_cuda and D > _MAX_CUDA_HIDDEN and want == "auto" and implementation(x) == "cuda":
+        return f"hidden size {D} > {_MAX_CUDA_HIDDEN}"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -144,7 +148,7 @@ def _ln_fwd(x, shifts, scales, eps, impl):
     that ran is returned, not read back from last_impl(): another thread's call may have replaced it there."""
     op = "ln_mod_fwd" if len(shifts) == 1 else "ln_dual_fwd"
     which = _choose(op, x, impl, [x, *shifts, *scales],
-                    extra_reason=_mod_dtype_reason([t.dtype for t in (*shifts, *scales)]) or _hidden_reason(x))
+                    extra_reason=_mod_dtype_reason([t.dtype for t in (*shifts, *scales)]) or _hidden_reason(x, impl))
     if which in ("cuda", "cpp"):
         return which, extension().ln_mod_fwd(x, list(shifts), list(scales), float(eps))
     mod = _triton() if which == "triton" else ref
@@ -209,7 +213,7 @@ class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, h, impl):
         which = _choose("gated_fwd", x, impl, [x, g, h],
-                        extra_reason=_mod_dtype_reason([g.dtype, h.dtype]) or _hidden_reason(x))
+                        extra_reason=_mod_dtype_reason([g.dtype, h.dtype]) or _hidden_reason(x, impl))
         if which in ("cuda", "cpp"):
             out = extension().gated_fwd(x, g, h)
         else:
@@ -249,7 +253,7 @@ def layernorm_modulate_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, ou
     out_dtype = out_dtype or torch.float32
     reason = (_mod_dtype_reason([scale.dtype, shift_dot.dtype, scale_dot.dtype])
               or (None if out_dtype in (torch.float32, scale.dtype) else f"out_dtype {out_dtype}")
-              or _hidden_reason(x))
+              or _hidden_reason(x, impl))
     which = _choose("ln_mod_jvp", x, impl, [x, scale, shift_dot, scale_dot], [x_dot], extra_reason=reason)
     if which in ("cuda", "cpp"):
         return extension().ln_mod_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, out_dtype == torch.float32)
@@ -266,7 +270,7 @@ def gated_residual(x, g, h, impl: Optional[str] = None):
 def gated_residual_jvp(x_dot, g, g_dot, h, h_dot, impl: Optional[str] = None):
     """out_dot = x_dot + g_dot h + g h_dot, float32."""
     which = _choose("gated_jvp", x_dot, impl, [g, g_dot, h, h_dot], [x_dot],
-                    extra_reason=_mod_dtype_reason([g.dtype, g_dot.dtype, h.dtype, h_dot.dtype]) or _hidden_reason(x_dot))
+                    extra_reason=_mod_dtype_reason([g.dtype, g_dot.dtype, h.dtype, h_dot.dtype]) or _hidden_reason(x_dot, impl))
     if which in ("cuda", "cpp"):
         return extension().gated_jvp(x_dot, g, g_dot, h, h_dot)
     mod = _triton() if which == "triton" else ref

@@ -68,7 +68,7 @@ def _ln_fwd_kernel(
     s_sh1, s_sc1, s_sh2, s_sc2, T, D, eps,
     DUAL: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # n * a row stride may pass 2^31 (4c7f9bb's attention bug)
     offs_t = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask_t = offs_t < T
@@ -103,7 +103,7 @@ def _ln_jvp_kernel(
     s_mn, s_mt, s_rn, s_rt, s_sc, s_shd, s_scd, T, D,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # n * a row stride may pass 2^31 (4c7f9bb's attention bug)
     offs_t = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask_t = offs_t < T
@@ -137,7 +137,7 @@ def _ln_bwd_kernel(
     DUAL: tl.constexpr, TILE_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # n * a row stride may pass 2^31 (4c7f9bb's attention bug)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     sc1 = tl.load(SC1 + n * s_sc1 + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -184,7 +184,7 @@ def _gated_fwd_kernel(
     X, G, H, OUT, s_g, T, D,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # n * a row stride may pass 2^31 (4c7f9bb's attention bug)
     offs_t = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -202,7 +202,7 @@ def _gated_jvp_kernel(
     XD, G, GD, H, HD, OUT, s_g, s_gd, T, D,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # n * a row stride may pass 2^31 (4c7f9bb's attention bug)
     offs_t = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
@@ -223,7 +223,7 @@ def _gated_bwd_kernel(
     TILE_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
-    n = tl.program_id(1)
+    n = tl.program_id(1).to(tl.int64)  # n * a row stride may pass 2^31 (4c7f9bb's attention bug)
     offs_d = tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     g = tl.load(G + n * s_g + offs_d, mask=mask_d, other=0.0).to(tl.float32)
@@ -470,7 +470,7 @@ def ln_mod_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, out_dtype=None
 
 def ln_mod_bwd(gys: Sequence[torch.Tensor], x, mean, rstd, scales: Sequence[torch.Tensor]):
     """gys, scales: sequences of one (block) or two (dual final layer) tensors. Returns (gx, [gshift_k], [gscale_k])
-    with gx in x's dtype and gshift_k, gscale_k in scale_k's dtype."""
+    with gx in x's dtype, gshift_k in gy_k's (y_k's, so shift_k's) dtype and gscale_k in scale_k's, as the reference."""
     gys, scales = list(gys), list(scales)
     if len(gys) != len(scales) or len(gys) not in (1, 2):
         raise ValueError(f"rowwise_triton: gys and scales must both hold 1 or 2 tensors, got {len(gys)} gys and "
@@ -483,7 +483,7 @@ def ln_mod_bwd(gys: Sequence[torch.Tensor], x, mean, rstd, scales: Sequence[torc
     _check_stats("rstd", rstd, x)
     _check_backend(x)
     K = len(gys)
-    dtypes = [s.dtype for s in scales for _ in range(2)]  # gshift_0, gscale_0[, gshift_1, gscale_1]
+    dtypes = [dt for gy, s in zip(gys, scales) for dt in (gy.dtype, s.dtype)]  # gshift_k in gy_k's (= shift_k's)
     gx = _empty(x, x.dtype)
     if N * T == 0:
         sums = [torch.zeros((N, D), dtype=dt, device=x.device) for dt in dtypes]
