@@ -29,7 +29,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from harness import Row, emit, measure, peak_memory_gib  # noqa: E402
+from harness import Row, emit, measure, measure_events, peak_memory_gib  # noqa: E402
 
 ops = importlib.import_module("dumo_engine.ops.attention_jvp")
 
@@ -69,7 +69,9 @@ def bench_shape(shape, dtype_name, device, args) -> list[Row]:
     def run(impl, fn, flops, ref_ms=None, **extra):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        t = measure(fn, warmup=args.warmup, iters=args.iters, device_type=device.type)
+        # CUDA events: these kernels take tens of microseconds, where a host timer would add launch + sync latency
+        t = (measure_events(fn, warmup=args.warmup, iters=args.iters) if device.type == "cuda"
+             else measure(fn, warmup=args.warmup, iters=args.iters, device_type=device.type))
         mem = peak_memory_gib(device)
         if mem is not None:
             extra["peak_GiB"] = mem

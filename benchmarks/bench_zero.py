@@ -3,8 +3,12 @@ devices the machine has (NCCL on CUDA GPUs, gloo on CPU processes).
 
 Each variant runs in its own `torchrun` launch (fresh process group and memory counters): the fused DuMo loss
 (fused forward+JVP through the wrapper), backward, clipping, AdamW step, EMA, on a fixed random batch; the
-median step time over --steps after 2 warm-up steps. Peak memory: torch.cuda.max_memory_allocated on CUDA, the
-process's peak RSS on CPU (which includes the ~0.3-0.5 GiB of the interpreter and torch themselves), max over ranks.
+median step time over --steps after 2 warm-up steps. Peak memory: torch.cuda.max_memory_allocated on CUDA from the
+first warm-up step on (the setup's full-model build before partitioning is not counted), the process's peak RSS on
+CPU (which includes the ~0.3-0.5 GiB of the interpreter and torch themselves), max over ranks.
+Precision on CUDA is each engine's own bf16 recipe: DDP keeps float32 weights under bf16 autocast; DeepSpeed's bf16
+mode holds bf16 weights and gradients with float32 masters in the optimizer (dumo_engine/distributed/ds_config.py),
+so the memory columns compare the two recipes, not only the sharding.
 
   python benchmarks/bench_zero.py                      # CUDA: all GPUs, DiT-XL/2 at 32x32x4, bf16; CPU: 2 ranks
   python benchmarks/bench_zero.py --ranks 2 --model DiT-S/2 --batch 16 --steps 5 --out benchmarks/out/zero.jsonl
@@ -85,6 +89,8 @@ def worker(args) -> None:
         backend.ema_update(0.999)
 
     times = []
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
     for k in range(args.steps + 2):
         if cuda:
             torch.cuda.synchronize()
@@ -101,7 +107,7 @@ def worker(args) -> None:
     if rank == 0:
         med = times[len(times) // 2]
         print("RESULT " + json.dumps({"variant": args.worker, "ranks": world, "median_ms": med * 1e3,
-                                      "p20_ms": times[int(0.2 * (len(times) - 1))] * 1e3,
+                                      "p20_ms": times[int(round(0.2 * (len(times) - 1)))] * 1e3,
                                       "p80_ms": times[int(round(0.8 * (len(times) - 1)))] * 1e3,
                                       "img_s": args.batch / med, "peak_gib": t.item() / 2**30}), flush=True)
     dist.barrier()

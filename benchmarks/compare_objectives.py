@@ -51,13 +51,22 @@ T_MIDS = (0.3, 0.5, 0.7)
 def run_one(name: str, seed: int, args, judge: DigitsJudge) -> dict:
     out_dir = os.path.join(args.out, f"{name}_seed{seed}")
     result_path = os.path.join(out_dir, "compare.json")
-    if os.path.exists(result_path):
-        with open(result_path) as f:
-            return json.load(f)
-    overrides = VARIANTS[name] + [
+    settings = VARIANTS[name] + [
         f"--train.steps={args.steps}", f"--train.batch_size={args.batch_size}", f"--train.seed={seed}",
+        f"--sample.per_class={args.per_class}",
+    ]
+    if os.path.exists(result_path):  # a cached run counts only if it was trained and scored with these settings
+        with open(result_path) as f:
+            row = json.load(f)
+        have = row.get("settings") or {"steps": row.get("steps"), "batch_size": row.get("batch_size")}
+        want = settings if "settings" in row else {"steps": args.steps, "batch_size": args.batch_size}
+        if have != want:
+            raise SystemExit(f"compare_objectives: the cached run {result_path} was made with {have}, not {want}; "
+                             "use another --out, or delete it to train again")
+        return row
+    overrides = settings + [
         f"--train.out_dir={out_dir}", "--train.resume=false", "--train.progress=false", "--train.ckpt_every=0",
-        "--eval.at_end=false", f"--sample.per_class={args.per_class}",
+        "--eval.at_end=false",
     ]
     cfg = load_config(os.path.join(ROOT, "configs", "digits.yaml"), overrides)
     t0 = time.perf_counter()
@@ -69,7 +78,7 @@ def run_one(name: str, seed: int, args, judge: DigitsJudge) -> dict:
             cfg.sample.t_mid = t_mid
             s = evaluate_digits(res.ema, cfg, cfg.objective.name, judge=judge, methods=["u2"], verbose=False)
             scores[f"u2_tmid{t_mid:g}"] = s["methods"]["u2"]
-    row = {"variant": name, "seed": seed, "steps": args.steps, "batch_size": args.batch_size,
+    row = {"variant": name, "seed": seed, "steps": args.steps, "batch_size": args.batch_size, "settings": settings,
            "train_s": train_s, "scores": scores}
     with open(result_path, "w") as f:
         json.dump(row, f, indent=1)

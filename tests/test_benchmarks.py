@@ -112,3 +112,84 @@ def test_bench_rowwise_compile_baseline_writes_our_output_dtypes(monkeypatch):
             assert [t.dtype for t in compiled] == [t.dtype for t in eager], op
             for c, e in zip(compiled, eager):
                 torch.testing.assert_close(c.float(), e.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_train_step_flops_count_cpu_attention():
+    """forward_flops_per_img counts the attention on CPU too (torch's FlopCounterMode has no formula for the CPU
+    flash kernel, so B/2 counted 43.6 instead of 46.0 GFLOP/img): equal to the count with the math backend, whose
+    matmuls torch counts, and more than the linears alone."""
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench_train_step import forward_flops_per_img
+
+    from dumo_engine.models import build_model
+
+    m = build_model("DiT-digits", input_size=8, in_channels=1, num_classes=10)
+    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    t = torch.rand(2)
+    math_count = FlopCounterMode(display=False)
+    plain = FlopCounterMode(display=False)
+    with torch.no_grad():
+        with sdpa_kernel(SDPBackend.MATH), math_count:
+            m(x, t, t * 0.5, y)
+        with plain:
+            m(x, t, t * 0.5, y)
+    ours = forward_flops_per_img(m, x, y)
+    assert ours == math_count.get_total_flops() / 2
+    assert ours > plain.get_total_flops() / 2
+
+
+def test_reference_autocast_objective_option_reaches_the_jvp(monkeypatch):
+    """DuMo(jvp_autocast=True) hands autocast=True to the reference pass (bench_train_step's like-for-like
+    baseline); the default keeps the float32 oracle."""
+    import torch
+
+    from dumo_engine.objectives import DuMo, flow_map as fm
+
+    seen = []
+    real = fm.flow_map_jvp
+
+    def spy(*a, **kw):
+        seen.append(kw.get("autocast"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(fm, "flow_map_jvp", spy)
+    from dumo_engine.models import build_model
+
+    m = build_model("DiT-tiny", input_size=8, in_channels=1, num_classes=10)
+    x, y = torch.randn(2, 1, 8, 8), torch.randint(0, 10, (2,))
+    DuMo(10, jvp_backend="func").loss(m, x, y)
+    DuMo(10, jvp_backend="func", jvp_autocast=True).loss(m, x, y)
+    assert seen == [False, True]
+
+
+def test_compare_objectives_refuses_a_cached_run_with_other_settings(tmp_path):
+    """A cached run counts only with the settings asked for: one trained for 600 steps at batch 64 was returned for
+    a 50-step, batch-16 request, under a header that said 50 x 16."""
+    import argparse
+    import json
+
+    import pytest
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import compare_objectives as co
+
+    d = tmp_path / "fm_seed0"
+    d.mkdir()
+    cached = {"variant": "fm", "seed": 0, "steps": 600, "batch_size": 64, "train_s": 1.0, "scores": {}}
+    (d / "compare.json").write_text(json.dumps(cached))
+    args = argparse.Namespace(out=str(tmp_path), steps=50, batch_size=16, per_class=4)
+    with pytest.raises(SystemExit, match="was made with"):
+        co.run_one("fm", 0, args, judge=None)
+    args.steps, args.batch_size = 600, 64  # an older cache (no "settings"): steps and batch decide
+    assert co.run_one("fm", 0, args, judge=None) == cached
+    settings = co.VARIANTS["fm"] + ["--train.steps=600", "--train.batch_size=64", "--train.seed=0",
+                                    "--sample.per_class=4"]
+    (d / "compare.json").write_text(json.dumps({**cached, "settings": settings}))
+    assert co.run_one("fm", 0, args, judge=None)["settings"] == settings
+    args.per_class = 8
+    with pytest.raises(SystemExit, match="was made with"):
+        co.run_one("fm", 0, args, judge=None)

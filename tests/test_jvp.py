@@ -230,3 +230,27 @@ def test_time_embedding_honours_float64():
     ref = emb.mlp(_timestep_embedding_follow_dtype(t * emb.time_scale, emb.frequency_embedding_size))
     err = (emb(t) - ref).abs().max().item()
     assert err < 1e-12, f"max abs error {err:.2e}"
+
+
+def test_reference_under_the_callers_autocast():
+    """autocast=True keeps the caller's bf16 autocast for the reference pass (the like-for-like baseline of a bf16
+    step): its GEMMs run in bf16, so its outputs differ from the float32 oracle's by bf16 rounding, not more; du/dt
+    comes back float32. Without the flag the pass is float32 under the same context, bit for bit the oracle's."""
+    m = randomize_(build_model("DiT-tiny", input_size=8, in_channels=1, num_classes=10), seed=3)
+    g = torch.Generator().manual_seed(4)
+    z, a = torch.randn(4, 1, 8, 8, generator=g), torch.randn(4, 1, 8, 8, generator=g)
+    t = torch.rand(4, generator=g)
+    h, y = 0.4 * t, torch.randint(0, 10, (4,), generator=g)
+
+    def fn(z_, t_, h_):
+        return m(z_, t_, h_, y, heads="vu")
+
+    v32, u32, d32 = flow_map_jvp(fn, z, t, h, a)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        v0, u0, d0 = flow_map_jvp(fn, z, t, h, a)
+        vb, ub, db = flow_map_jvp(fn, z, t, h, a, autocast=True)
+    assert torch.equal(d0, d32) and torch.equal(u0, u32)
+    assert db.dtype == torch.float32 and ub.dtype == torch.bfloat16
+    for got, want in ((vb, v32), (ub, u32), (db, d32)):
+        err = ((got.float() - want).norm() / want.norm()).item()
+        assert 1e-4 < err < 3e-2, err

@@ -7,10 +7,12 @@ tangent of u (never differentiated: the u target is under stop-gradient).
 
 Two implementations that must agree (tests check them against each other and against central
 finite differences in float64): torch.func.jvp and torch.autograd.forward_ad. Both run in fp32
-with autocast disabled, whatever precision the rest of the step uses.
+with autocast disabled, whatever precision the rest of the step uses; autocast=True instead runs them
+under the caller's autocast (the like-for-like baseline for a bf16 step in benchmarks, not the oracle).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -48,10 +50,13 @@ def flow_map_jvp(
     h: torch.Tensor,  # (N,) = t - r
     tangent_z: torch.Tensor,  # (N, C, H, W): dz/dt
     backend: str = "func",
+    autocast: bool = False,
 ):
     """Returns (v, u, du/dt) with du/dt the JVP of u along (z, t, h) -> (tangent_z, 1, 1), in fp32.
 
     v and u keep their autograd graph (gradients reach the parameters); du/dt is detached.
+    autocast: keep the caller's autocast for the pass (its GEMMs in bf16 under a bf16 autocast; du/dt is still
+    returned in fp32) instead of running it in fp32.
     """
     if backend not in JVP_BACKENDS:
         raise ValueError(f"unknown jvp backend {backend!r}; choose one of {JVP_BACKENDS}")
@@ -60,9 +65,11 @@ def flow_map_jvp(
     dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
     primals = (z.to(dtype), t.to(dtype), h.to(dtype))
     tangents = (tangent_z.to(dtype).detach(), torch.ones_like(primals[1]), torch.ones_like(primals[2]))
-    with torch.autocast(device_type=device_type, enabled=False):
+    # autocast=True: the caller's context as it is (its dtype too); otherwise autocast off for the pass
+    ctx = contextlib.nullcontext() if autocast else torch.autocast(device_type=device_type, enabled=False)
+    with ctx:
         if backend == "func":
             v, u, dudt = _jvp_func(fn, primals, tangents)
         else:
             v, u, dudt = _jvp_forward_ad(fn, primals, tangents)
-    return v, u, dudt.detach()
+    return v, u, dudt.detach().to(dtype)

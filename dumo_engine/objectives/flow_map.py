@@ -28,7 +28,8 @@ class _FlowMapObjective:
 
     def __init__(self, num_classes: int, P_mean: float = -0.4, P_std: float = 1.0, equal_fraction: float = 0.0,
                  guidance: GuidanceConfig | None = None, adaptive_p: float = 1.0, adaptive_eps: float = 0.01,
-                 tangent: str = "data", target_velocity: str = "data", jvp_backend: str = "auto"):
+                 tangent: str = "data", target_velocity: str = "data", jvp_backend: str = "auto",
+                 jvp_autocast: bool = False):
         for key, val in (("tangent", tangent), ("target_velocity", target_velocity)):
             if val not in CHOICES:
                 raise ValueError(f"objective.{key} must be one of {CHOICES}, got {val!r}")
@@ -41,6 +42,9 @@ class _FlowMapObjective:
         self.guidance = guidance or GuidanceConfig()
         self.adaptive_p, self.adaptive_eps = adaptive_p, adaptive_eps
         self.tangent, self.target_velocity, self.jvp_backend = tangent, target_velocity, jvp_backend
+        # func / forward_ad only: run the reference pass under the caller's autocast instead of float32 (the
+        # like-for-like baseline of a bf16 step in benchmarks/bench_train_step.py; float32 stays the oracle)
+        self.jvp_autocast = jvp_autocast
 
     def draw(self, x: torch.Tensor) -> Draws:
         """This step's randomness for the (global) batch x: t, r, noise e, label-dropout uniforms, in this order."""
@@ -86,7 +90,7 @@ class _FlowMapObjective:
             def fn(z_, t_, h_):
                 return model(z_, t_, h_, y, heads=heads)
 
-            v_hat, u_hat, dudt = flow_map_jvp(fn, z, t, t - r, a, backend=backend)
+            v_hat, u_hat, dudt = flow_map_jvp(fn, z, t, t - r, a, backend=backend, autocast=self.jvp_autocast)
         # u_tgt = sg(b - clip(t - r, 0, 1) du/dt)
         u_tgt = (b - bcast((t - r).clamp(0, 1), z) * dudt).detach()
         raw_u = per_sample_sq(u_hat - u_tgt)
