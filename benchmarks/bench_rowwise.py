@@ -38,7 +38,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from harness import Row, device_name, emit, measure, measure_events  # noqa: E402
+from harness import Row, device_name, emit, measure, measure_events, pin_cpu_allocator  # noqa: E402
 
 from dumo_engine.jvp.fused import layernorm_modulate_tangent  # noqa: E402
 from dumo_engine.ops import rowwise as rw  # noqa: E402
@@ -196,6 +196,8 @@ def main() -> None:
                         "loads; the option bits: wide JVP, planned tiles, two rows, gated rows / streaming, wide "
                         "backward; see above)")
     p.add_argument("--out", default=None, help="append rows as JSONL here")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="CPU: leave glibc's dynamic malloc thresholds as they are (see harness.pin_cpu_allocator)")
     args = p.parse_args()
     device = torch.device("cpu" if args.cpu or not torch.cuda.is_available() else "cuda")
     cuda = device.type == "cuda"
@@ -221,6 +223,9 @@ def main() -> None:
         _dynamo.config.cache_size_limit = 64  # one compiled graph per (op, shape, dtype)
     copy_bw = copy_bandwidth(device) if cuda and not args.quick else None
     dev = device_name(device) + (f" (copy {copy_bw / 1e9:.0f} GB/s measured)" if copy_bw else "")
+    if not cuda and not args.default_malloc:  # outputs of a few MiB: timings independent of allocation history
+        pinned = pin_cpu_allocator()
+        dev += f"; {pinned}" if pinned else ""
     command = "python " + " ".join(sys.argv)
 
     def timed(fn):

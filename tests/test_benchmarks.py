@@ -193,3 +193,4 @@ def test_compare_objectives_refuses_a_cached_run_with_other_settings(tmp_path):
     args.per_class = 8
     with pytest.raises(SystemExit, match="was made with"):
         co.run_one("fm", 0, args, judge=None)
+
