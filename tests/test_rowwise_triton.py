@@ -337,3 +337,19 @@ def test_dit_shapes_gpu(D, xdt):
     check("gated_fwd", x, g, gen.rows(BF16))
     check("gated_jvp", gen.rows(F32), g, g_dot, gen.rows(BF16), gen.rows(BF16))
     check("gated_bwd", x, g, gen.rows(BF16))
+
+
+def test_grid_y_limit_raises_a_named_error(monkeypatch):
+    """Samples (and sample x output sums for the column sums) go on grid axis 1, whose CUDA limit is 65535: past it
+    the launch failed with a bare "invalid argument" (the dual backward from N = 16384). Now a named error, checked
+    here with the limit lowered."""
+    gen = Gen("fp32", 13)
+    x = gen.rows()
+    _, mean, rstd = ref.ln_mod_fwd(x, *gen.vecs(2))
+    monkeypatch.setattr(tri, "_MAX_GRID_Y", 7)  # N = 2: dual column sums need 4 x 2 = 8 programs on axis 1
+    tri.ln_mod_bwd([gen.rows()], x, mean, rstd, gen.vecs(1))  # single: 2 x 2 = 4, fits
+    with pytest.raises(ValueError, match="8 programs on grid axis 1"):
+        tri.ln_mod_bwd([gen.rows(), gen.rows()], x, mean, rstd, gen.vecs(2))
+    monkeypatch.setattr(tri, "_MAX_GRID_Y", 1)
+    with pytest.raises(ValueError, match="2 programs on grid axis 1"):
+        tri.gated_fwd(x, *gen.vecs(1), gen.rows())
