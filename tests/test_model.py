@@ -222,7 +222,8 @@ def _check_imported(dst: DualHeadDiT, src_sd: dict[str, torch.Tensor], before: d
 @pytest.mark.parametrize("fmt", ["safetensors", "pt"])
 def test_dit_import_round_trip(tmp_path, fmt):
     """A DiT-layout file (safetensors or torch) loads exactly: trunk, both heads from final_layer;
-    h_embedder reported missing; an extra key reported unexpected."""
+    h_embedder reported missing; an extra key is refused by the strict default, and reported unexpected with
+    strict=False."""
     src = tiny_model(11)
     sd = dit_state_dict(src)
     assert set(DIT_KEY_PATTERNS) <= set(sd)
@@ -235,7 +236,10 @@ def test_dit_import_round_trip(tmp_path, fmt):
     dst = tiny_model(12)  # different random values everywhere
     before = {k: v.clone() for k, v in dst.state_dict().items()}
     assert not torch.equal(before["blocks.0.attn.qkv.weight"], sd["blocks.0.attn.qkv.weight"])
-    report = load_pretrained_dit(dst, path)
+    with pytest.raises(CheckpointFormatError, match="(?s)does not fit this model.*extra_layer.weight"):
+        load_pretrained_dit(dst, path)
+    assert torch.equal(dst.state_dict()["blocks.0.attn.qkv.weight"], before["blocks.0.attn.qkv.weight"])
+    report = load_pretrained_dit(dst, path, strict=False)
     assert report.unexpected == ["extra_layer.weight"]
     assert report.converted == []
     _check_imported(dst, sd, before, report)
@@ -249,18 +253,38 @@ def test_dit_import_round_trip(tmp_path, fmt):
     assert torch.equal(v_dst, v_src) and torch.equal(u_dst, v_src)
     # the method form, model.load_pretrained_dit(path), does the same
     dst2 = tiny_model(14)
-    report2 = dst2.load_pretrained_dit(path)
+    report2 = dst2.load_pretrained_dit(path, strict=False)
     assert report2.unexpected == ["extra_layer.weight"] and report2.missing == report.missing
     assert torch.equal(dst2.state_dict()["u_head.linear.weight"], sd["final_layer.linear.weight"])
 
 
-def test_strict_import_refuses_dit_file(tmp_path):
-    """strict=True fails on a DiT file (h_embedder is always missing) with CheckpointFormatError."""
-    sd = dit_state_dict(tiny_model(11))
+def test_strict_import_names_what_does_not_fit(tmp_path):
+    """The strict default accepts a complete DiT file (only the h embedder, which DiT/SiT lack, is missing) and
+    refuses, naming the keys, a file that matched nothing (it used to load 0 tensors and train on from random
+    weights), a shallower or deeper model's file; "_orig_mod." (torch.compile) and "module." prefixes are removed."""
+    src = tiny_model(11)
+    sd = dit_state_dict(src)
     path = tmp_path / "dit.safetensors"
     safetensors.torch.save_file(sd, str(path))
-    with pytest.raises(CheckpointFormatError, match="h_embedder"):
-        load_pretrained_dit(tiny_model(12), path, strict=True)
+    report = load_pretrained_dit(tiny_model(12), path)
+    assert report.missing and all(k.startswith("h_embedder.") for k in report.missing) and not report.unexpected
+    compiled = tmp_path / "compiled.safetensors"
+    safetensors.torch.save_file({"_orig_mod." + k: v for k, v in sd.items()}, str(compiled))
+    assert load_pretrained_dit(tiny_model(12), compiled).loaded == report.loaded
+    renamed = tmp_path / "renamed.safetensors"
+    safetensors.torch.save_file({"net." + k: v for k, v in sd.items()}, str(renamed))
+    with pytest.raises(CheckpointFormatError, match="(?s)0 tensors matched.*missing.*blocks.0.attn.qkv.weight"):
+        load_pretrained_dit(tiny_model(12), renamed)
+    shallow = tmp_path / "shallow.safetensors"
+    safetensors.torch.save_file({k: v for k, v in sd.items() if not k.startswith("blocks.1.")}, str(shallow))
+    with pytest.raises(CheckpointFormatError, match="(?s)missing.*blocks.1.attn.qkv.weight"):
+        load_pretrained_dit(tiny_model(12), shallow)
+    deep = tmp_path / "deep.safetensors"
+    extra = {k.replace("blocks.1.", "blocks.2.", 1): v.clone() for k, v in sd.items() if k.startswith("blocks.1.")}
+    safetensors.torch.save_file(dict(sd, **extra), str(deep))
+    with pytest.raises(CheckpointFormatError, match="(?s)unexpected.*blocks.2.attn.qkv.weight"):
+        load_pretrained_dit(tiny_model(12), deep)
+    assert load_pretrained_dit(tiny_model(12), shallow, strict=False).missing  # opt-in partial load
 
 
 def _reference_unpatchify(x: torch.Tensor, channels: int, p: int) -> torch.Tensor:

@@ -10,8 +10,15 @@ model computes exactly what the checkpoint computes (h_embed = 0) and learns h f
 
 Time conventions differ, and only the weights are carried over: DiT is an epsilon-prediction model
 with t in [0, 1000) and noise at t -> 1000 (our t * 1000, the same direction); SiT uses t in [0, 1]
-with data at t = 1 and predicts velocity of the opposite direction. The imported heads therefore
-start from a related but different output, and fine-tuning adapts them; nothing is converted.
+unscaled, with data at t = 1, and predicts velocity of the opposite direction, while our embedder
+feeds 1000 t: an imported SiT trunk sees time features it was not trained on (sinusoid arguments up to
+1000 where SiT saw at most 1). The imported heads therefore start from a related but different output,
+and fine-tuning adapts them; nothing is converted. (An exact SiT import would need time_scale 1, the
+1 - t reflection folded into t_embedder.mlp.0 per frequency, and both heads' final linear negated.)
+
+The import is strict: every parameter and buffer of the model except the h embedder must come from the
+file, and every tensor of the file must be used, else CheckpointFormatError names them (a torch.compile
+export's "_orig_mod." prefix and DDP's "module." are removed first). strict=False loads what matches.
 
 Files are read as safetensors, or as torch files with weights_only=True (never unpickled).
 """
@@ -73,7 +80,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         sd = sd["model"]
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointFormatError(f"{path} does not contain a flat state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+    return {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in sd.items()}
 
 
 def _drop_learn_sigma(weight: torch.Tensor, patch_size: int, out_channels: int) -> torch.Tensor:
@@ -112,16 +119,20 @@ def convert_dit_state_dict(sd: dict[str, torch.Tensor], model: DualHeadDiT) -> t
     return out, report
 
 
-def load_pretrained_dit(model: DualHeadDiT, path: str | os.PathLike, strict: bool = False) -> ImportReport:
+def load_pretrained_dit(model: DualHeadDiT, path: str | os.PathLike, strict: bool = True) -> ImportReport:
     """Initialise trunk and both heads from a DiT/SiT checkpoint; returns what was loaded/missing/unexpected.
 
-    With strict=True any missing or unexpected key is an error (h_embedder is always missing from a
-    DiT/SiT file, so strict mode only makes sense for our own exports).
+    strict (default): a model tensor missing from the file (other than the h embedder's, which DiT/SiT do
+    not have) or a file tensor the model does not use is an error naming them: a file of another depth, or
+    one whose names matched nothing, no longer starts a run from random weights with only a printed report.
     """
     sd = read_state_dict(path)
     converted, report = convert_dit_state_dict(sd, model)
-    if strict and (report.missing or report.unexpected):
-        raise CheckpointFormatError(f"strict load of {path} failed:\n{report.summary()}")
+    missing = [k for k in report.missing if not k.startswith("h_embedder.")]
+    if strict and (missing or report.unexpected):
+        raise CheckpointFormatError(
+            f"{path} does not fit this model ({len(report.loaded)} tensors matched; strict=False loads what "
+            f"matches):\n{report.summary()}")
     model.load_state_dict(converted, strict=False)
     if not any(k.startswith("h_embedder.") for k in converted):
         last = model.h_embedder.mlp[2]

@@ -38,6 +38,12 @@ DIT_SIZES: dict[str, DiTSpec] = {
     "DiT-XL/2": DiTSpec(1152, 28, 16),
     "DiT-S/4": DiTSpec(384, 12, 6, patch_size=4),
     "DiT-B/4": DiTSpec(768, 12, 12, patch_size=4),
+    "DiT-L/4": DiTSpec(1024, 24, 16, patch_size=4),
+    "DiT-XL/4": DiTSpec(1152, 28, 16, patch_size=4),
+    "DiT-S/8": DiTSpec(384, 12, 6, patch_size=8),
+    "DiT-B/8": DiTSpec(768, 12, 12, patch_size=8),
+    "DiT-L/8": DiTSpec(1024, 24, 16, patch_size=8),
+    "DiT-XL/8": DiTSpec(1152, 28, 16, patch_size=8),
     "DiT-digits": DiTSpec(128, 4, 4),
     "DiT-tiny": DiTSpec(32, 2, 2),
 }
@@ -69,8 +75,9 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar in [0, 1] -> sinusoidal features -> MLP. Used for t and for h = t - r.
 
-    DiT feeds t in [0, 1000); we keep t in [0, 1] and scale by `time_scale` (1000, as DiT/SiT do),
-    so pretrained embedders see the range they were trained on.
+    DiT feeds t in [0, 1000); we keep t in [0, 1] and scale by `time_scale` (1000, as DiT does), so a
+    DiT embedder sees the range it was trained on. SiT feeds t in [0, 1] unscaled (and runs time the other
+    way: SiT t = 1 - ours), so an imported SiT embedder does not (models/checkpoint_import.py).
     """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0):
@@ -286,7 +293,7 @@ class DualHeadDiT(nn.Module):
         """
         return self(z, t, t - r, y, heads=heads, tangent=tangent)
 
-    def load_pretrained_dit(self, path, strict: bool = False):
+    def load_pretrained_dit(self, path, strict: bool = True):
         """Initialise trunk and both heads from a DiT/SiT checkpoint; returns an ImportReport (see checkpoint_import)."""
         from .checkpoint_import import load_pretrained_dit
 
