@@ -134,7 +134,7 @@ def main() -> None:
         if n not in VARIANTS:
             p.error(f"unknown variant {n!r}; known: {', '.join(VARIANTS)}")
     commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    judge = DigitsJudge()
+    judge = DigitsJudge(per_class=args.per_class)
     rows = [run_one(n, s, args, judge) for n in names for s in seeds]
     print(f"\n## compare_objectives: {args.steps} steps x batch {args.batch_size} "
           f"({args.steps * args.batch_size} samples), seeds {args.seeds}, commit {commit} at start "

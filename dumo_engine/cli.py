@@ -22,11 +22,28 @@ def _load_run(run_dir: str, overrides=()):
     from .config import apply_overrides
     from .train import build_model_from_config
 
+    from .train import training_settings
+
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a run directory: config.yaml is missing")
     with open(path) as f:
-        cfg = apply_overrides(from_dict(yaml.safe_load(f)), overrides)
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
+    # the settings that shaped the run (model, objective, data split, optimizer, ...) are what the weights were
+    # trained with: an override of one would sample a different model, or score against training images
+    was = training_settings(from_dict(raw))
+    cfg = apply_overrides(from_dict(raw), overrides)
+    now = training_settings(cfg)
+    changed = [k for k in sorted(now) if was.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"{', '.join(f'{k}={now[k]!r}' for k in changed)}: {run_dir} was trained with "
+                          f"{', '.join(f'{k}={was.get(k)!r}' for k in changed)}; sampling and evaluation take the "
+                          "trained settings (sample.*, eval.* and where it runs, such as train.device, may change)")
     latest = ckpt_io.latest_checkpoint(run_dir)
     if latest is None:
         raise ckpt_io.CheckpointError(f"{run_dir} has no checkpoint yet")
@@ -84,13 +101,22 @@ def cmd_sample(args, overrides) -> int:
     import numpy as np
     import torch
 
-    from .eval.digits import save_grid
+    from .eval.digits import image_format, save_grid
     from .eval.evaluate import generate
+    from .fsio import write_bytes_atomic
 
     cfg, model, step = _load_run(args.run, overrides)
     if args.seed is not None and not 0 <= args.seed < 2**32:
         raise ConfigError(f"--seed must be in [0, 2**32), got {args.seed}")
-    if args.labels:
+    out = args.out or os.path.join(args.run, f"sample_{args.method}_step{step}.png")
+    if args.out is not None and (os.path.isdir(out) or not os.path.basename(out)):  # checked before sampling
+        raise ConfigError(f"--out {out!r} is a directory; name a file")
+    if args.labels is None:
+        try:
+            image_format(out)
+        except ValueError as e:
+            raise ConfigError(f"--out: {e}") from None
+    if args.labels is not None:
         try:
             labels = [int(v) for v in args.labels.split(",")]
         except ValueError:
@@ -102,9 +128,8 @@ def cmd_sample(args, overrides) -> int:
     else:
         y = torch.arange(cfg.model.num_classes).repeat_interleave(cfg.sample.grid_cols)
     x = generate(model, cfg, args.method, cfg.objective.name, y, seed=args.seed).numpy()
-    out = args.out or os.path.join(args.run, f"sample_{args.method}_step{step}.png")
-    if args.labels:
-        np.save(os.path.splitext(out)[0] + ".npy", x)
+    if args.labels is not None:
+        write_bytes_atomic(os.path.splitext(out)[0] + ".npy", lambda f: np.save(f, x))
         print(f"{len(x)} samples -> {os.path.splitext(out)[0]}.npy")
     else:
         save_grid(out, x, y.numpy(), cols=cfg.sample.grid_cols, num_classes=cfg.model.num_classes)

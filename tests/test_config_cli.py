@@ -112,9 +112,31 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert "--labels: '1,x' is not a comma-separated list of integers" in capsys.readouterr().err
     assert main(["sample", "--run", str(run), "--seed", "-3"]) == 2
     assert "--seed must be in [0, 2**32)" in capsys.readouterr().err
-    assert main(["sample", "--run", str(run), "--model.name=DiT-digits"]) == 2  # weights of another size
-    err = capsys.readouterr().err
-    assert "ema weights do not fit model.name=DiT-digits" in err and "Traceback" not in err
+    # settings that shaped the run cannot change at sample/eval time: another model (it sampled different images,
+    # or failed on shapes), the data split (eval scored against training images), the objective
+    for cmd, over, key in (("sample", "--model.name=DiT-digits", "model.name"),
+                           ("sample", "--model.h_in_trunk=false", "model.h_in_trunk"),
+                           ("sample", "--objective.name=flow_matching", "objective.name"),
+                           ("eval", "--data.split_seed=3", "data.split_seed"),
+                           ("eval", "--data.test_fraction=0.5", "data.test_fraction")):
+        assert main([cmd, "--run", str(run), over]) == 2, over
+        err = capsys.readouterr().err
+        assert f"{over[2:].split('=')[0]}=" in err and "was trained with " + key in err and "Traceback" not in err
+    # --out is checked before sampling: a directory, an extension PIL cannot write; --labels '' is an error
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "grid.txt")]) == 2
+    assert "unknown image extension .txt" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--labels", ""]) == 2
+    assert "--labels: '' is not" in capsys.readouterr().err
+    assert main(["sample", "--run", str(run), "--out", str(tmp_path / "g.png")]) == 0 and (tmp_path / "g.png").is_file()
+    assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # written through a temporary file, renamed
+    # a run directory whose config.yaml is empty or not YAML: named, not a traceback
+    for text, msg in (("", "must hold a mapping"), ("model: [unclosed", "is not valid YAML")):
+        (run / "config.yaml").write_text(text)
+        assert main(["eval", "--run", str(run)]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-CUDA message")

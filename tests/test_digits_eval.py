@@ -81,3 +81,15 @@ def test_grid_png(tmp_path):
     # the tile of class 0, column 0 is sample 0
     tile = im[2:18:2, 2:18:2]
     assert np.array_equal(tile, ((x[0, 0] + 1) * 127.5).round().astype(np.uint8))
+
+
+def test_floor_is_at_the_generators_count_and_balance(judge):
+    """The floor scores per_class training images of each class, as the generator is scored on per_class samples
+    of each class (it took 360 random, unbalanced training images: 1.32 where a matched floor is about 1.0), and a
+    test split larger than the training split no longer crashes it."""
+    assert judge.per_class == 50
+    few = DigitsJudge(per_class=5)
+    assert few.real_fd > 2 * judge.real_fd  # 50 images give a much noisier FD than 500: the count matters
+    assert np.isfinite(DigitsJudge(test_fraction=0.6).real_fd)  # 719 training images, 1078 test images
+    with pytest.raises(ValueError, match="per_class must be >= 1"):
+        DigitsJudge(per_class=0)

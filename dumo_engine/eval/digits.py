@@ -5,7 +5,8 @@ A digits classifier (an MLP, trained on the training split only) judges generate
   - FD: Frechet distance between its hidden-layer features of generated samples and of the
     held-out real test split (the digits analogue of FID).
 Its own held-out accuracy and the FD of real training images vs the test split (the floor an
-ideal generator would reach with the same sample count) are reported beside them for scale.
+ideal generator would reach with the same sample count: per_class training images of each class, as
+the generator is scored on per_class samples of each class) are reported beside them for scale.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import numpy as np
 from scipy import linalg
 
 from ..data.digits import load_digits_split
+from ..fsio import write_bytes_atomic
 
 
 def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
@@ -36,7 +38,8 @@ def frechet_distance(feat_a: np.ndarray, feat_b: np.ndarray) -> float:
 class DigitsJudge:
     """Classifier + feature extractor trained on the digits training split (same split as training)."""
 
-    def __init__(self, test_fraction: float = 0.2, split_seed: int = 0, hidden: int = 64, seed: int = 0):
+    def __init__(self, test_fraction: float = 0.2, split_seed: int = 0, hidden: int = 64, seed: int = 0,
+                 per_class: int = 50):
         from sklearn.neural_network import MLPClassifier
 
         x_tr, y_tr, x_te, y_te = load_digits_split(test_fraction, split_seed)
@@ -46,8 +49,14 @@ class DigitsJudge:
         self.clf.fit(self.x_train, self.y_train)
         self.test_accuracy = float(self.clf.score(self.x_test, self.y_test))
         self.test_features = self.features(self.x_test)
+        # the floor at the generator's sample count and class balance: per_class training images of each class
+        # (all of a class's, where it has fewer); it was 360 random training images (the test split's size, not
+        # balanced, and a crash where the test split outnumbered the training split)
+        if per_class < 1:
+            raise ValueError(f"DigitsJudge: per_class must be >= 1, got {per_class}")
         rng = np.random.default_rng(seed)
-        idx = rng.choice(len(self.x_train), size=len(self.x_test), replace=False)
+        idx = np.concatenate([rng.permutation(np.flatnonzero(y_tr == c))[:per_class] for c in np.unique(y_tr)])
+        self.per_class = per_class
         self.real_fd = frechet_distance(self.features(self.x_train[idx]), self.test_features)
 
     def features(self, x: np.ndarray) -> np.ndarray:
@@ -81,4 +90,20 @@ def save_grid(path: str, samples: np.ndarray, labels: np.ndarray, cols: int = 10
             tile = ((np.clip(s[0], -1, 1) + 1) * 127.5).round().astype(np.uint8)
             r0, c0 = pad + c * (h + pad), pad + j * (w + pad)
             img[r0:r0 + h, c0:c0 + w] = tile
-    Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST).save(path)
+    fmt = image_format(path)
+    big = Image.fromarray(img).resize((img.shape[1] * scale, img.shape[0] * scale), Image.NEAREST)
+    write_bytes_atomic(path, lambda f: big.save(f, format=fmt))
+
+
+def image_format(path: str) -> str:
+    """PIL's format name for path's extension; ValueError naming the path where it has none PIL writes."""
+    import os
+
+    from PIL import Image
+
+    ext = os.path.splitext(path)[1].lower()
+    fmt = Image.registered_extensions().get(ext)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{path!r}: {'no' if not ext else 'unknown'} image extension{' ' + ext if ext else ''}; "
+                         "use .png (or .jpg, .bmp, ...)")
+    return fmt

@@ -40,7 +40,7 @@ def method_label(method: str, cfg) -> str:
 def evaluate_digits(model, cfg, objective_name: str, out_dir: str | None = None, judge: DigitsJudge | None = None,
                     methods=None, verbose: bool = True) -> dict:
     """Score each sampling method; write a PNG grid per method (one row per class) into out_dir."""
-    judge = judge or DigitsJudge(cfg.data.test_fraction, cfg.data.split_seed)
+    judge = judge or DigitsJudge(cfg.data.test_fraction, cfg.data.split_seed, per_class=cfg.sample.per_class)
     device = next(model.parameters()).device
     nc = cfg.model.num_classes
     labels = torch.arange(nc, device=device).repeat_interleave(cfg.sample.per_class)
