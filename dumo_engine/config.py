@@ -30,6 +30,8 @@ class ModelConfig:
     num_classes: int = 10  # label num_classes is the NULL class
     pretrained: Optional[str] = None  # DiT/SiT weights (safetensors or torch file) to start from
     h_in_trunk: bool = True  # h = t - r conditions the whole trunk (both heads see it); false: only the u head
+    pretrained_source: str = "dit"  # dit | sit: the convention of model.pretrained (sit: exact, needs time_scale 1)
+    time_scale: float = 1000.0  # the time embedders' sinusoids see t * time_scale: 1000 as DiT, 1 as SiT
 
 
 @dataclass
@@ -116,6 +118,7 @@ class RunConfig:
 
 
 CHOICES = {
+    "model.pretrained_source": ("dit", "sit"),
     "objective.name": ("dumo", "meanflow", "flow_matching"),
     "objective.tangent": ("data", "model"),
     "objective.target_velocity": ("data", "model"),
@@ -124,7 +127,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "train.precision": ("bf16", "fp32"),
 }
-POSITIVE = {"optim.lr", "train.steps", "train.batch_size", "sample.v_steps", "sample.per_class",
+POSITIVE = {"model.time_scale", "optim.lr", "train.steps", "train.batch_size", "sample.v_steps", "sample.per_class",
             "sample.grid_cols", "model.input_size", "model.in_channels", "model.num_classes", "objective.P_std"}
 NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "objective.lambda_v", "objective.adaptive_p",
                 "objective.adaptive_eps", "train.log_every", "train.ckpt_every", "train.threads",
@@ -223,6 +226,9 @@ def validate(cfg: RunConfig) -> RunConfig:
     if not (o.cfg_w == 1.0 and o.cfg_k == 0.0) and o.label_dropout == 0.0:
         raise ConfigError("objective.label_dropout must be > 0 when CFG is on (cfg_w/cfg_k): "
                           "otherwise the NULL class that the unconditional branch uses is never trained")
+    if cfg.model.pretrained and cfg.model.pretrained_source == "sit" and cfg.model.time_scale != 1.0:
+        raise ConfigError(f"model.pretrained_source=sit needs model.time_scale=1 (SiT's time embedder saw t in "
+                          f"[0, 1]), got model.time_scale={cfg.model.time_scale:g}")
     if o.name in ("dumo", "meanflow"):
         problem = flow_map_option_problem(o.name, o.tangent, o.target_velocity, o.lambda_v,
                                           not (o.cfg_w == 1.0 and o.cfg_k == 0.0))

@@ -49,7 +49,7 @@ def build_objective(cfg: RunConfig):
 def build_model_from_config(cfg: RunConfig) -> torch.nn.Module:
     m = cfg.model
     return build_model(m.name, input_size=m.input_size, in_channels=m.in_channels, num_classes=m.num_classes,
-                       h_in_trunk=m.h_in_trunk)
+                       h_in_trunk=m.h_in_trunk, time_scale=m.time_scale)
 
 
 @torch.no_grad()
@@ -88,7 +88,7 @@ class TrainResult:
 # math), model.pretrained (overwritten by the checkpoint), DeepSpeed's layout (checked against the checkpoint itself).
 _RESUME_SECTIONS = ("model", "objective", "data", "optim")
 _RESUME_TRAIN_KEYS = ("batch_size", "seed", "precision")
-_RESUME_FREE = ("model.pretrained", "objective.jvp_backend")
+_RESUME_FREE = ("model.pretrained", "model.pretrained_source", "objective.jvp_backend")
 
 
 def training_settings(cfg: RunConfig) -> dict:
@@ -105,6 +105,8 @@ def check_resume_settings(path: str, state: dict, cfg: RunConfig) -> None:
     if not isinstance(saved, dict):
         return
     now = training_settings(cfg)
+    # a setting added after the checkpoint was written is absent from it: that run had the setting's default
+    saved = {**{k: v for k, v in training_settings(RunConfig()).items() if k not in saved}, **saved}
     missing = object()
     diff = [k for k in sorted(set(saved) | set(now)) if saved.get(k, missing) != now.get(k, missing)]
     if diff:
@@ -231,7 +233,7 @@ def train(cfg: RunConfig) -> TrainResult:
     torch.manual_seed(tc.seed)
     model = build_model_from_config(cfg).to(device)
     if cfg.model.pretrained:
-        print(load_pretrained_dit(model, cfg.model.pretrained).summary())
+        print(load_pretrained_dit(model, cfg.model.pretrained, source=cfg.model.pretrained_source).summary())
     objective = build_objective(cfg)
     if tc.deepspeed and getattr(objective, "jvp_backend", None) == "auto":
         objective.jvp_backend = "fused"  # the one JVP path that runs through the engine's forward

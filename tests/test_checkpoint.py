@@ -232,6 +232,21 @@ def test_resume_with_changed_training_settings_is_refused(tmp_path, capsys):
     assert state["meta"]["config"]["optim.lr"] == 0.002 and "train.steps" not in state["meta"]["config"]
 
 
+def test_resume_of_a_checkpoint_older_than_a_setting(tmp_path):
+    """A setting added after a checkpoint was written (model.time_scale) is absent from its state.json: that run had
+    the default, so a resume at the default goes on and one at another value is refused, naming the setting."""
+    from dumo_engine.config import ConfigError
+
+    train(tiny_config(tmp_path, "--train.steps=2"))
+    path = os.path.join(ckpt_io.latest_checkpoint(str(tmp_path)), "state.json")
+    state = json.load(open(path))
+    assert state["meta"]["config"].pop("model.time_scale") == 1000.0
+    json.dump(state, open(path, "w"))
+    with pytest.raises(ConfigError, match=r"model\.time_scale=1000\.0; this run has model\.time_scale=1\.0"):
+        train(tiny_config(tmp_path, "--train.steps=3", "--model.time_scale=1"))
+    assert train(tiny_config(tmp_path, "--train.steps=3")).step == 3
+
+
 @pytest.mark.parametrize("edit,match", [
     (lambda st: st["files"]["model.safetensors"].pop("bytes"), "no valid size and sha256 for model.safetensors"),
     (lambda st: st.pop("step"), "no valid step"),

@@ -297,3 +297,17 @@ def test_cuda_without_triton_warns_once_naming_the_attention_fallback(monkeypatc
         monkeypatch.setattr(fused, "_WARNED", set())
         assert fused.use_triton_attention(CudaQ()) is False
     assert not w
+
+
+def test_fused_pass_follows_the_time_scale():
+    """time_scale 1 (SiT's convention, for an exact SiT import): the fused pass's time-embedding tangent scales with
+    it, as torch.func's does (v, u, du/dt agree)."""
+    torch.manual_seed(0)
+    m = randomize_(build_model("DiT-tiny", input_size=8, in_channels=4, num_classes=10, time_scale=1.0), 3)
+    assert m.t_embedder.time_scale == m.h_embedder.time_scale == 1.0
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        m = m.to(dtype)
+        z, t, r, y, a = make_inputs(m, 3, 2, dtype)
+        v_r, u_r, d_r = flow_map_jvp(lambda *i: m(*i, y, heads="vu"), z, t, t - r, a)
+        v, u, d = m.forward_with_jvp(z, t, r, y, a, heads="vu")
+        assert rel(d, d_r) < tol and rel(u, u_r) < tol and rel(v, v_r) < tol

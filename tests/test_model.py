@@ -439,3 +439,40 @@ def test_import_zeroes_h_embedder_output_so_function_is_preserved(tmp_path):
     # the h embedder still trains: its output layer gets a gradient
     dst(x, t, h, y)[1].square().sum().backward()
     assert dst.h_embedder.mlp[2].weight.grad.abs().sum() > 0
+
+
+def test_sit_import_is_exact(tmp_path):
+    """source="sit": SiT runs time the other way (its x_s = s x + (1 - s) e is our z_t at s = 1 - t) and predicts
+    x - e, minus our velocity. With time_scale 1 (SiT's unscaled t), the reflection folded into the time embedder and
+    the heads negated, the imported model computes v(z, t) = -v_SiT(z, 1 - t) exactly (both heads, h ignored at
+    import). The SiT stand-in is our network at time_scale 1 without h (SiT's architecture is DiT's)."""
+    def build(ts, seed):
+        torch.manual_seed(seed)
+        return randomize_(build_model("DiT-tiny", input_size=8, in_channels=4, num_classes=NUM_CLASSES,
+                                      time_scale=ts), seed)
+
+    sit = build(1.0, 31)
+    with torch.no_grad():  # SiT has no h embedder: ours contributes nothing
+        sit.h_embedder.mlp[2].weight.zero_()
+        sit.h_embedder.mlp[2].bias.zero_()
+    path = tmp_path / "sit.safetensors"
+    safetensors.torch.save_file(dit_state_dict(sit), str(path))
+    dst = build(1.0, 32)
+    report = load_pretrained_dit(dst, path, source="sit")
+    assert "t_embedder.mlp.0.weight (time reflected: SiT t = 1 - ours)" in report.from_sit
+    assert "converted from SiT's conventions" in report.summary()
+    x, t, h, y = inputs(3, 4, 8, NUM_CLASSES, seed=33)
+    with torch.no_grad():
+        v_sit, _ = sit(x, 1 - t, h, y)
+        v, u = dst(x, t, h, y)
+    torch.testing.assert_close(v, -v_sit, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(u, -v_sit, rtol=1e-4, atol=1e-5)
+    as_dit = build(1.0, 35)
+    load_pretrained_dit(as_dit, path)  # the same file taken as DiT: weights as they are, so not the SiT function
+    with torch.no_grad():
+        v_dit, _ = as_dit(x, t, h, y)
+    assert (v_dit + v_sit).abs().max() > 1e-2
+    with pytest.raises(CheckpointFormatError, match="needs time_scale 1"):
+        load_pretrained_dit(build(1000.0, 36), path, source="sit")
+    with pytest.raises(ValueError, match="source must be one of"):
+        load_pretrained_dit(dst, path, source="sat")

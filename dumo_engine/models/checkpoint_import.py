@@ -8,13 +8,15 @@ channels of each (p, q) group — not simply the first half of the rows.
 The h embedder does not exist in DiT/SiT: its output layer is zeroed on import, so the imported
 model computes exactly what the checkpoint computes (h_embed = 0) and learns h from there.
 
-Time conventions differ, and only the weights are carried over: DiT is an epsilon-prediction model
-with t in [0, 1000) and noise at t -> 1000 (our t * 1000, the same direction); SiT uses t in [0, 1]
-unscaled, with data at t = 1, and predicts velocity of the opposite direction, while our embedder
-feeds 1000 t: an imported SiT trunk sees time features it was not trained on (sinusoid arguments up to
-1000 where SiT saw at most 1). The imported heads therefore start from a related but different output,
-and fine-tuning adapts them; nothing is converted. (An exact SiT import would need time_scale 1, the
-1 - t reflection folded into t_embedder.mlp.0 per frequency, and both heads' final linear negated.)
+Time conventions differ. DiT (source="dit") is an epsilon-prediction model with t in [0, 1000) and
+noise at t -> 1000 (our t * 1000 with time_scale 1000, the same direction): its weights are carried over
+as they are, and fine-tuning turns the epsilon output into velocities.
+
+SiT (source="sit") predicts velocity with t in [0, 1] unscaled, data at SiT time 1: its x_s = s x + (1 - s) e
+is our z_t at s = 1 - t, and its velocity x - e is minus ours (e - x). The import is exact: the model must
+use time_scale 1 (SiT's sinusoid arguments), the reflection s = 1 - t is folded into the time embedder's
+first layer per frequency f (cos f(1 - t) = cos f cos ft + sin f sin ft, sin f(1 - t) = sin f cos ft -
+cos f sin ft), and both heads' output linear is negated; then v(z, t) = -v_SiT(z, 1 - t) at import.
 
 The import is strict: every parameter and buffer of the model except the h embedder must come from the
 file, and every tensor of the file must be used, else CheckpointFormatError names them (a torch.compile
@@ -44,12 +46,15 @@ class ImportReport:
     missing: list[str] = field(default_factory=list)  # ours, not in the file (kept at their init)
     unexpected: list[str] = field(default_factory=list)  # in the file, not used
     converted: list[str] = field(default_factory=list)  # learn-sigma channels dropped
+    from_sit: list[str] = field(default_factory=list)  # rewritten to our time direction and velocity sign (SiT)
     zeroed: list[str] = field(default_factory=list)  # set to zero so the import preserves the function
 
     def summary(self) -> str:
         lines = [f"loaded {len(self.loaded)} tensors"]
         if self.converted:
             lines.append("dropped learn-sigma channels: " + ", ".join(self.converted))
+        if self.from_sit:
+            lines.append("converted from SiT's conventions: " + ", ".join(self.from_sit))
         if self.zeroed:
             lines.append("zeroed (h_embed starts at 0, the checkpoint's function is preserved): " + ", ".join(self.zeroed))
         if self.missing:
@@ -119,15 +124,50 @@ def convert_dit_state_dict(sd: dict[str, torch.Tensor], model: DualHeadDiT) -> t
     return out, report
 
 
-def load_pretrained_dit(model: DualHeadDiT, path: str | os.PathLike, strict: bool = True) -> ImportReport:
+SOURCES = ("dit", "sit")
+
+
+def _sit_to_ours(out: dict[str, torch.Tensor], model: DualHeadDiT, report: ImportReport) -> None:
+    """SiT's time runs the other way and its velocity has the opposite sign (module docstring): fold s = 1 - t into
+    t_embedder.mlp.0.weight, negate the heads' output linear. In place on the converted state dict."""
+    emb = model.t_embedder
+    if emb.time_scale != 1.0:
+        raise CheckpointFormatError(f"a SiT import needs time_scale 1 (SiT's embedder saw t in [0, 1]); this model "
+                                    f"has {emb.time_scale:g} (build_model(..., time_scale=1) / model.time_scale=1)")
+    key = "t_embedder.mlp.0.weight"
+    if key in out:
+        w = out[key].double()
+        half = emb.frequency_embedding_size // 2
+        f = emb.frequencies(torch.zeros(1, dtype=torch.float64), emb.frequency_embedding_size)  # (half,)
+        wc, ws = w[:, :half], w[:, half:2 * half]
+        new = w.clone()
+        new[:, :half] = wc * torch.cos(f) + ws * torch.sin(f)  # coefficient of cos(f t)
+        new[:, half:2 * half] = wc * torch.sin(f) - ws * torch.cos(f)  # coefficient of sin(f t)
+        out[key] = new.to(out[key].dtype)
+        report.from_sit.append(key + " (time reflected: SiT t = 1 - ours)")
+    for head in HEAD_NAMES:
+        for part in ("weight", "bias"):
+            k = f"{head}.linear.{part}"
+            if k in out:
+                out[k] = -out[k]
+                report.from_sit.append(k + " (negated: SiT velocity = -ours)")
+
+
+def load_pretrained_dit(model: DualHeadDiT, path: str | os.PathLike, strict: bool = True,
+                        source: str = "dit") -> ImportReport:
     """Initialise trunk and both heads from a DiT/SiT checkpoint; returns what was loaded/missing/unexpected.
+    source: "dit" (weights as they are) or "sit" (exact: time reflected, velocity negated; needs time_scale 1).
 
     strict (default): a model tensor missing from the file (other than the h embedder's, which DiT/SiT do
     not have) or a file tensor the model does not use is an error naming them: a file of another depth, or
     one whose names matched nothing, no longer starts a run from random weights with only a printed report.
     """
+    if source not in SOURCES:
+        raise ValueError(f"source must be one of {SOURCES}, got {source!r}")
     sd = read_state_dict(path)
     converted, report = convert_dit_state_dict(sd, model)
+    if source == "sit":
+        _sit_to_ours(converted, model, report)
     missing = [k for k in report.missing if not k.startswith("h_embedder.")]
     if strict and (missing or report.unexpected):
         raise CheckpointFormatError(

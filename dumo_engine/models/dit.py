@@ -75,9 +75,10 @@ class PatchEmbed(nn.Module):
 class TimestepEmbedder(nn.Module):
     """Scalar in [0, 1] -> sinusoidal features -> MLP. Used for t and for h = t - r.
 
-    DiT feeds t in [0, 1000); we keep t in [0, 1] and scale by `time_scale` (1000, as DiT does), so a
-    DiT embedder sees the range it was trained on. SiT feeds t in [0, 1] unscaled (and runs time the other
-    way: SiT t = 1 - ours), so an imported SiT embedder does not (models/checkpoint_import.py).
+    DiT feeds t in [0, 1000); we keep t in [0, 1] and scale by `time_scale` (1000 by default, as DiT does),
+    so a DiT embedder sees the range it was trained on. SiT feeds t in [0, 1] unscaled and runs time the
+    other way (SiT t = 1 - ours): a SiT import uses time_scale 1 and folds the reflection into the first
+    layer's weights (models/checkpoint_import.py).
     """
 
     def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, time_scale: float = 1000.0):
@@ -229,6 +230,7 @@ class DualHeadDiT(nn.Module):
         mlp_ratio: float = 4.0,
         num_classes: int = 1000,
         h_in_trunk: bool = True,
+        time_scale: float = 1000.0,
     ):
         super().__init__()
         if input_size % patch_size:
@@ -245,8 +247,9 @@ class DualHeadDiT(nn.Module):
         self.h_in_trunk = h_in_trunk
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
-        self.t_embedder = TimestepEmbedder(hidden_size)
-        self.h_embedder = TimestepEmbedder(hidden_size)
+        # time_scale: 1000 feeds the sinusoids DiT's t * 1000; 1 is SiT's convention (for an exact SiT import)
+        self.t_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
+        self.h_embedder = TimestepEmbedder(hidden_size, time_scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size)
         num_patches = self.x_embedder.num_patches
         # Fixed, not trained; persistent so the state dict carries "pos_embed" like DiT's.
@@ -293,11 +296,11 @@ class DualHeadDiT(nn.Module):
         """
         return self(z, t, t - r, y, heads=heads, tangent=tangent)
 
-    def load_pretrained_dit(self, path, strict: bool = True):
+    def load_pretrained_dit(self, path, strict: bool = True, source: str = "dit"):
         """Initialise trunk and both heads from a DiT/SiT checkpoint; returns an ImportReport (see checkpoint_import)."""
         from .checkpoint_import import load_pretrained_dit
 
-        return load_pretrained_dit(self, path, strict=strict)
+        return load_pretrained_dit(self, path, strict=strict, source=source)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         # (N, T, p*p*C) -> (N, C, H, W); channel is the fastest index within a patch, as in DiT.
@@ -339,7 +342,7 @@ class DualHeadDiT(nn.Module):
 
 
 def build_model(name: str, input_size: int = 32, in_channels: int = 4, num_classes: int = 1000,
-                h_in_trunk: bool = True) -> DualHeadDiT:
+                h_in_trunk: bool = True, time_scale: float = 1000.0) -> DualHeadDiT:
     """Build a dual-head DiT from the size registry, e.g. build_model("DiT-XL/2")."""
     if name not in DIT_SIZES:
         raise ValueError(f"unknown model {name!r}; known: {', '.join(DIT_SIZES)}")
@@ -354,4 +357,5 @@ def build_model(name: str, input_size: int = 32, in_channels: int = 4, num_class
         mlp_ratio=s.mlp_ratio,
         num_classes=num_classes,
         h_in_trunk=h_in_trunk,
+        time_scale=time_scale,
     )
