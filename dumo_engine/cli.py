@@ -13,7 +13,7 @@ import sys
 
 import yaml
 
-from .config import ConfigError, from_dict, load_config, to_dict
+from .config import ConfigError, from_dict, load_config, read_config_file, to_dict
 
 
 def _load_run(run_dir: str, overrides=()):
@@ -27,13 +27,7 @@ def _load_run(run_dir: str, overrides=()):
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a run directory: config.yaml is missing")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(raw).__name__}")
+    raw = read_config_file(path, allow_empty=False)
     # the settings that shaped the run (model, objective, data split, optimizer, ...) are what the weights were
     # trained with: an override of one would sample a different model, or score against training images
     was = training_settings(from_dict(raw))

@@ -304,18 +304,26 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: typing.Sequ
     """Defaults <- YAML preset <- --section.key=value overrides; then validated."""
     cfg = RunConfig()
     if path is not None:
-        path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise ConfigError(f"config file not found: {path}")
-        with open(path) as f:
-            try:
-                data = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        _apply(cfg, _yaml_number(data))
+        _apply(cfg, _yaml_number(read_config_file(path)))
     return apply_overrides(cfg, overrides)
+
+
+def read_config_file(path: str | os.PathLike, allow_empty: bool = True) -> dict:
+    """The YAML mapping of sections in path; ConfigError naming the file where it is missing, not YAML, not a
+    mapping, or (allow_empty=False: a run's saved config.yaml) empty."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    with open(path) as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None and allow_empty:
+        data = {}
+    if not isinstance(data, dict) or not (data or allow_empty):
+        raise ConfigError(f"{path}: top level must be a {'non-empty ' if not allow_empty else ''}mapping of sections")
+    return data
 
 
 def apply_overrides(cfg: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:

@@ -135,7 +135,7 @@ def test_cli_train_sample_eval(tmp_path, capsys):
     assert main(["sample", "--run", str(run), "--out", str(tmp_path / "g.png")]) == 0 and (tmp_path / "g.png").is_file()
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]  # written through a temporary file, renamed
     # a run directory whose config.yaml is empty or not YAML: named, not a traceback
-    for text, msg in (("", "must hold a mapping"), ("model: [unclosed", "is not valid YAML")):
+    for text, msg in (("", "must be a non-empty mapping"), ("model: [unclosed", "not valid YAML")):
         (run / "config.yaml").write_text(text)
         assert main(["eval", "--run", str(run)]) == 2
         err = capsys.readouterr().err
