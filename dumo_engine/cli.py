@@ -20,9 +20,7 @@ def _load_run(run_dir: str, overrides=()):
     """Config and model (EMA weights unless sample.use_ema=false) of a finished or running run."""
     from . import checkpoint as ckpt_io
     from .config import apply_overrides
-    from .train import build_model_from_config
-
-    from .train import training_settings
+    from .train import build_model_from_config, training_settings
 
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -105,11 +103,6 @@ def cmd_sample(args, overrides) -> int:
     out = args.out or os.path.join(args.run, f"sample_{args.method}_step{step}.png")
     if args.out is not None and (os.path.isdir(out) or not os.path.basename(out)):  # checked before sampling
         raise ConfigError(f"--out {out!r} is a directory; name a file")
-    if args.labels is None:
-        try:
-            image_format(out)
-        except ValueError as e:
-            raise ConfigError(f"--out: {e}") from None
     if args.labels is not None:
         try:
             labels = [int(v) for v in args.labels.split(",")]
@@ -120,6 +113,10 @@ def cmd_sample(args, overrides) -> int:
             raise ConfigError(f"--labels: {bad} out of range 0..{cfg.model.num_classes} ({cfg.model.num_classes} = NULL)")
         y = torch.tensor(labels)
     else:
+        try:
+            image_format(out)
+        except ValueError as e:
+            raise ConfigError(f"--out: {e}") from None
         y = torch.arange(cfg.model.num_classes).repeat_interleave(cfg.sample.grid_cols)
     x = generate(model, cfg, args.method, cfg.objective.name, y, seed=args.seed).numpy()
     if args.labels is not None:

@@ -221,17 +221,17 @@ def validate(cfg: RunConfig) -> RunConfig:
         if not 0.0 < flat[key] < 1.0:
             raise ConfigError(f"{key} must be in (0, 1), got {flat[key]}")
     o = cfg.objective
+    guided = not (o.cfg_w == 1.0 and o.cfg_k == 0.0)
     if o.name == "flow_matching" and o.equal_fraction is not None:
         raise ConfigError("objective.equal_fraction has no meaning for flow_matching (r = t always); leave it null")
-    if not (o.cfg_w == 1.0 and o.cfg_k == 0.0) and o.label_dropout == 0.0:
+    if guided and o.label_dropout == 0.0:
         raise ConfigError("objective.label_dropout must be > 0 when CFG is on (cfg_w/cfg_k): "
                           "otherwise the NULL class that the unconditional branch uses is never trained")
     if cfg.model.pretrained and cfg.model.pretrained_source == "sit" and cfg.model.time_scale != 1.0:
         raise ConfigError(f"model.pretrained_source=sit needs model.time_scale=1 (SiT's time embedder saw t in "
                           f"[0, 1]), got model.time_scale={cfg.model.time_scale:g}")
     if o.name in ("dumo", "meanflow"):
-        problem = flow_map_option_problem(o.name, o.tangent, o.target_velocity, o.lambda_v,
-                                          not (o.cfg_w == 1.0 and o.cfg_k == 0.0))
+        problem = flow_map_option_problem(o.name, o.tangent, o.target_velocity, o.lambda_v, guided)
         if problem:
             raise ConfigError(problem)
     if not 0.0 < cfg.sample.t_mid < 1.0:

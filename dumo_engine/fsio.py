@@ -17,20 +17,13 @@ def fsync_dir(path: str) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Write a small text file so that a reader sees the old or the new content, whole, even after a crash: a
-    temporary file, fsynced, renamed over path, then the directory fsynced (so the rename itself is durable)."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
+    """Write a small text file so that a reader sees the old or the new content, whole, even after a crash."""
+    write_bytes_atomic(path, lambda f: f.write(text.encode()))
 
 
 def write_bytes_atomic(path: str, write) -> None:
-    """write(f) fills a binary file object; the result appears at path whole or not at all, as write_text_atomic
-    (for sample grids and arrays: an interrupted write leaves the previous file, not a torn one)."""
+    """write(f) fills a binary file object; a reader of path sees the old or the new content, whole, even after a
+    crash: a temporary file, fsynced, renamed over path, then the directory fsynced (so the rename is durable)."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:

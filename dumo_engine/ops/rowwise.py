@@ -86,7 +86,7 @@ def _kernel_reason(tensors, x_dot_like=()) -> Optional[str]:
 
 def implementation(x: torch.Tensor, impl: Optional[str] = None) -> str:
     """The implementation a call on tensors like x would use ("cuda", "cpp", "triton" or "torch")."""
-    want = (impl or os.environ.get("DUMO_ROWWISE_IMPL", "auto")).lower()
+    want = _requested(impl)
     if want not in IMPLS + ("auto",):
         raise ValueError(f"row-wise impl must be one of auto, {', '.join(IMPLS)}; got {want!r}")
     ext = extension()
@@ -113,11 +113,16 @@ def implementation(x: torch.Tensor, impl: Optional[str] = None) -> str:
     return "torch"
 
 
+def _requested(impl: Optional[str]) -> str:
+    """The implementation asked for: impl, else $DUMO_ROWWISE_IMPL, else "auto" (lower case)."""
+    return (impl or os.environ.get("DUMO_ROWWISE_IMPL", "") or "auto").lower()
+
+
 def _choose(op: str, x: torch.Tensor, impl: Optional[str], tensors, x_dot_like=(), extra_reason=None) -> str:
     chosen = implementation(x, impl)
     if chosen in ("cuda", "cpp", "triton"):
-        reason = extra_reason or _kernel_reason(tensors, x_dot_like)
-        forced = impl is not None or os.environ.get("DUMO_ROWWISE_IMPL", "auto").lower() not in ("", "auto")
+        reason = extra_reason or _kernel_reason(tensors, x_dot_like) or _hidden_reason(x, impl)
+        forced = _requested(impl) != "auto"
         if reason is not None and not forced:  # a forced implementation raises its own error naming the problem
             _warn_once(f"{op}:{reason}", f"{op}: PyTorch reference instead of {chosen} because of {reason}")
             chosen = "torch"
@@ -134,8 +139,7 @@ def _hidden_reason(x, impl=None) -> Optional[str]:
     """The CUDA kernels take hidden sizes up to _MAX_CUDA_HIDDEN (every op; the CPU twins and Triton have no such
     limit, so it is a reason only where the CUDA extension would run)."""
     D = x.shape[-1] if x.dim() else 0
-    want = (impl or os.environ.get("DUMO_ROWWISE_IMPL", "auto")).lower()
-    if x.is_cuda and D > _MAX_CUDA_HIDDEN and want == "auto" and implementation(x) == "cuda":
+    if x.is_cuda and D > _MAX_CUDA_HIDDEN and _requested(impl) == "auto" and implementation(x) == "cuda":
         return f"hidden size {D} > {_MAX_CUDA_HIDDEN}"
     return None
 
@@ -148,7 +152,7 @@ def _ln_fwd(x, shifts, scales, eps, impl):
     that ran is returned, not read back from last_impl(): another thread's call may have replaced it there."""
     op = "ln_mod_fwd" if len(shifts) == 1 else "ln_dual_fwd"
     which = _choose(op, x, impl, [x, *shifts, *scales],
-                    extra_reason=_mod_dtype_reason([t.dtype for t in (*shifts, *scales)]) or _hidden_reason(x, impl))
+                    extra_reason=_mod_dtype_reason([t.dtype for t in (*shifts, *scales)]))
     if which in ("cuda", "cpp"):
         return which, extension().ln_mod_fwd(x, list(shifts), list(scales), float(eps))
     mod = _triton() if which == "triton" else ref
@@ -213,7 +217,7 @@ class _GatedResidual(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, g, h, impl):
         which = _choose("gated_fwd", x, impl, [x, g, h],
-                        extra_reason=_mod_dtype_reason([g.dtype, h.dtype]) or _hidden_reason(x, impl))
+                        extra_reason=_mod_dtype_reason([g.dtype, h.dtype]))
         if which in ("cuda", "cpp"):
             out = extension().gated_fwd(x, g, h)
         else:
@@ -252,8 +256,7 @@ def layernorm_modulate_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, ou
     """y_dot from the saved statistics; out_dtype: float32 (default) or scale's dtype."""
     out_dtype = out_dtype or torch.float32
     reason = (_mod_dtype_reason([scale.dtype, shift_dot.dtype, scale_dot.dtype])
-              or (None if out_dtype in (torch.float32, scale.dtype) else f"out_dtype {out_dtype}")
-              or _hidden_reason(x, impl))
+              or (None if out_dtype in (torch.float32, scale.dtype) else f"out_dtype {out_dtype}"))
     which = _choose("ln_mod_jvp", x, impl, [x, scale, shift_dot, scale_dot], [x_dot], extra_reason=reason)
     if which in ("cuda", "cpp"):
         return extension().ln_mod_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, out_dtype == torch.float32)
@@ -270,7 +273,7 @@ def gated_residual(x, g, h, impl: Optional[str] = None):
 def gated_residual_jvp(x_dot, g, g_dot, h, h_dot, impl: Optional[str] = None):
     """out_dot = x_dot + g_dot h + g h_dot, float32."""
     which = _choose("gated_jvp", x_dot, impl, [g, g_dot, h, h_dot], [x_dot],
-                    extra_reason=_mod_dtype_reason([g.dtype, g_dot.dtype, h.dtype, h_dot.dtype]) or _hidden_reason(x_dot, impl))
+                    extra_reason=_mod_dtype_reason([g.dtype, g_dot.dtype, h.dtype, h_dot.dtype]))
     if which in ("cuda", "cpp"):
         return extension().gated_jvp(x_dot, g, g_dot, h, h_dot)
     mod = _triton() if which == "triton" else ref
