@@ -63,10 +63,11 @@ def bench_shape(shape, dtype_name, device, args) -> list[Row]:
     xs = make_inputs(shape, dtype, device)
     f_jvp = ops.attention_jvp_flops(B, H, N, D)
     f_fwd = 4.0 * B * H * N * N * D
-    nbytes = ops.attention_jvp_bytes(B, H, N, D, elem_size=xs[0].element_size())
+    jvp_bytes = ops.attention_jvp_bytes(B, H, N, D, elem_size=xs[0].element_size())
     rows = []
 
-    def run(impl, fn, flops, ref_ms=None, **extra):
+    def run(impl, fn, flops, ref_ms=None, nbytes=0.0, **extra):
+        """One row; nbytes only for the forward-JVP rows (attention_jvp_bytes is their compulsory traffic)."""
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         # CUDA events: these kernels take tens of microseconds, where a host timer would add launch + sync latency
@@ -81,15 +82,21 @@ def bench_shape(shape, dtype_name, device, args) -> list[Row]:
 
     with torch.no_grad():
         run("sdpa_fwd", lambda: F.scaled_dot_product_attention(*xs[:3]), f_fwd)
-        ref_ms = run("reference_jvp", lambda: reference_jvp(*xs), f_jvp)
+        ref_ms = run("reference_jvp", lambda: reference_jvp(*xs), f_jvp, nbytes=jvp_bytes)
         if device.type == "cuda":
-            run("triton_jvp", lambda: ops.attention_jvp(*xs), f_jvp, ref_ms)
+            run("triton_jvp", lambda: ops.attention_jvp(*xs), f_jvp, ref_ms, nbytes=jvp_bytes)
             if args.sweep:
                 for cfg in SWEEP:
-                    run("triton_jvp " + ",".join(map(str, cfg)),
-                        lambda cfg=cfg: ops.attention_jvp_fwd_triton(*xs, blocks=cfg), f_jvp, ref_ms)
+                    name = "triton_jvp " + ",".join(map(str, cfg))
+                    try:  # strict: the config named, never a smaller one it would otherwise fall back to
+                        ops.attention_jvp_fwd_triton(*xs, blocks=cfg, strict=True)
+                    except ops.triton.runtime.OutOfResources as e:
+                        print(f"{label} {name}: skipped, out of resources ({e})")
+                        continue
+                    run(name, lambda cfg=cfg: ops.attention_jvp_fwd_triton(*xs, blocks=cfg, strict=True), f_jvp,
+                        ref_ms, nbytes=jvp_bytes)
         else:
-            run("torch_fallback", lambda: ops.attention_jvp_fwd_torch(*xs), f_jvp, ref_ms)
+            run("torch_fallback", lambda: ops.attention_jvp_fwd_torch(*xs), f_jvp, ref_ms, nbytes=jvp_bytes)
 
     if device.type == "cuda" and not args.no_backward:
         xg = make_inputs(shape, dtype, device, requires_grad=True)

@@ -189,6 +189,149 @@ def test_offsets_past_2_31_elements():
     del big
 
 
+@needs_kernel
+def test_sequence_offsets_past_2_31_elements():
+    """A sequence stride of 2^27 elements: row 16 lies 2^31 elements past row 0, beyond the kernels' int32 tile
+    offsets. Such operands run on contiguous copies (the forward's q and the backward's dO here), so every row matches
+    the kernel on contiguous inputs; a wrapped offset would read the decoy at the buffer's start."""
+    N, H, T, D = 1, 1, 17, 16
+    st, off = 2**27, 2**31
+    g = torch.Generator().manual_seed(3)
+    data = [torch.randn(N, H, T, D, generator=g).half().to(DEV) for _ in range(7)]
+    bufs, views = [], []
+    for x in (data[0], data[6]):  # q for the forward, dO for the backward
+        big = torch.empty(off + (T - 1) * st + D, dtype=torch.float16, device=DEV)
+        view = big.as_strided((N, H, T, D), (T * st, T * st, st, 1), off)
+        view.copy_(x)
+        big[:D].fill_(30.0)
+        bufs.append(big)
+        views.append(view)
+    q, do = views
+    k, v, qd, kd, vd = data[1:6]
+    got = mod.attention_jvp_fwd_triton(q, k, v, qd, kd, vd)
+    want = mod.attention_jvp_fwd_triton(data[0], k, v, qd, kd, vd)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    o, lse = want[0], want[2]
+    for a, b in zip(mod.attention_bwd_triton(do, q, k, v, o, lse), mod.attention_bwd_triton(data[6], data[0], k, v,
+                                                                                            o, lse)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    del bufs
+
+
+def test_int32_guard_refuses_a_slice_it_cannot_index():
+    """A (batch, head) slice whose last element sits 2^31 or more past its first cannot be indexed in int32 even
+    when contiguous: a clear error; at 2^31 - 1 it runs as it is. Shapes only (_int32_safe reads shape and strides):
+    nothing of that size is allocated."""
+    big = _Shape((1, 1, 2**21 + 1, 2**10), (2**31 + 2**10, 2**31 + 2**10, 2**10, 1))
+    with pytest.raises(ValueError, match=r"q \(1, 1, 2097153, 1024\) has element offsets of 2\^31 or more inside"):
+        mod._int32_safe("q", big)
+    edge = _Shape((1, 1, 2**21, 2**10), (2**31, 2**31, 2**10, 1))  # largest offset 2^31 - 1
+    assert mod._int32_safe("q", edge) is edge
+
+
+class _Shape:
+    """Shape and strides only, as _int32_safe reads them; contiguous() returns itself (already contiguous)."""
+
+    def __init__(self, shape, stride):
+        self.shape, self._stride = shape, stride
+
+    def stride(self):
+        return self._stride
+
+    def contiguous(self):
+        return self
+
+
+@needs_kernel
+def test_batch_heads_past_the_grid_limit_are_launched_in_chunks(monkeypatch):
+    """N * H past CUDA's grid-y limit (65535; 4 here, so that the interpreter stays fast) runs in batch chunks
+    (2, 2, 1 samples with H = 2): forward and backward equal the one-launch results exactly."""
+    xs = make_inputs((5, 2, 9, 16), seed=11)
+    do = torch.randn(5, 2, 9, 16, generator=torch.Generator().manual_seed(12)).to(DEV)
+    want = mod.attention_jvp_fwd_triton(*xs)
+    want_g = mod.attention_bwd_triton(do, *xs[:3], want[0], want[2])
+    monkeypatch.setattr(mod, "_MAX_GRID_Y", 4)
+    assert [(b.start, b.stop) for b in mod._batch_chunks(5, 2)] == [(0, 2), (2, 4), (4, 5)]
+    got = mod.attention_jvp_fwd_triton(*xs)
+    got_g = mod.attention_bwd_triton(do, *xs[:3], want[0], want[2])
+    for a, b in zip((*got, *got_g), (*want, *want_g)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="5 heads exceed CUDA's grid-y limit 4"):
+        mod._batch_chunks(1, 5)
+
+
+@needs_kernel
+def test_launches_run_on_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device: every launch (forward, both backward kernels) happens inside
+    _triton_jit.on_device(q); on_device of a cuda:1 tensor is torch.cuda.device(1)."""
+    from dumo_engine.ops import _triton_jit
+
+    seen, inside = [], []
+    real_jitted = mod._jitted
+
+    class Recorder:
+        def __init__(self, t):
+            self.t = t
+
+        def __enter__(self):
+            seen.append(self.t.device)
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    def jitted(fn):
+        kernel = real_jitted(fn)
+
+        class Checked:
+            def __getitem__(self, grid):
+                assert inside, f"{fn.__name__} launched outside on_device"
+                return kernel[grid]
+
+        return Checked()
+
+    monkeypatch.setattr(_triton_jit, "on_device", Recorder)
+    monkeypatch.setattr(mod, "_jitted", jitted)
+    xs = make_inputs((1, 2, 9, 16), seed=2)
+    o, _, lse = mod.attention_jvp_fwd_triton(*xs)
+    mod.attention_bwd_triton(torch.ones_like(o), *xs[:3], o, lse)
+    assert seen == [xs[0].device] * 2
+
+    class FakeCuda:
+        is_cuda, device = True, torch.device("cuda", 1)
+
+    monkeypatch.undo()
+    assert _triton_jit.on_device(FakeCuda()).idx == 1
+
+
+@pytest.mark.parametrize("use", ["func", "forward_ad"])
+def test_forward_mode_ad_through_the_op_is_refused(use):
+    """The op has no forward-mode rule: PyTorch would give o a zero tangent silently; it raises instead."""
+    xs = make_inputs((1, 1, 5, 8), seed=4, device="cpu")
+    with pytest.raises(NotImplementedError, match="q carries a forward-mode tangent"):
+        if use == "func":
+            torch.func.jvp(lambda q: attention_jvp(q, *xs[1:])[0], (xs[0],), (torch.ones_like(xs[0]),))
+        else:
+            with fwAD.dual_level():
+                attention_jvp(fwAD.make_dual(xs[0], torch.ones_like(xs[0])), *xs[1:])
+
+
+@pytest.mark.parametrize("env,match", [
+    ("24,16,1,1", r"BLOCK_M=24 is not a power of two >= 16"),
+    ("16,8,1,1", r"BLOCK_N=8 is not a power of two >= 16"),
+    ("16,16,3,1", r"num_warps=3 is not one of"),
+    ("16,16,4,0", r"num_stages=0 must be >= 1"),
+    ("16,16,4", r"must be 'BLOCK_M,BLOCK_N,num_warps,num_stages'"),
+])
+def test_block_override_is_checked(monkeypatch, env, match):
+    monkeypatch.setenv("DUMO_ATTN_JVP_BLOCKS", env)
+    with pytest.raises(ValueError, match=match):
+        mod._block_config(64, False, 2)
+    monkeypatch.setenv("DUMO_ATTN_JVP_BLOCKS", "32,64,8,3")
+    assert mod._block_config(64, False, 2) == (32, 64, 8, 3)
+
+
 # ---------------------------------------------------------------------------------------------------
 # custom op: schema/fake/autograd registration, torch.compile tracing, saved tensors
 # ---------------------------------------------------------------------------------------------------

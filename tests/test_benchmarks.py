@@ -38,6 +38,24 @@ def test_bench_train_step_cpu_smoke(tmp_path):
     assert rows[2]["ref_ms"] == rows[1]["timing"]["median_ms"]
 
 
+def test_bench_attention_jvp_cpu_smoke(tmp_path):
+    """bench_attention_jvp on CPU: a row per implementation; only the forward-JVP rows carry the JVP's compulsory
+    bytes (the SDPA forward row moves fewer; it recorded the JVP's before)."""
+    import json
+    out = tmp_path / "rows.jsonl"
+    cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention_jvp.py"), "--shapes", "1,2,16,8",
+           "--iters", "2", "--warmup", "1", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r["impl"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(rows) == ["reference_jvp", "sdpa_fwd", "torch_fallback"]
+    from dumo_engine.ops.attention_jvp import attention_jvp_bytes
+    assert rows["sdpa_fwd"]["bytes_moved"] == 0.0
+    assert rows["reference_jvp"]["bytes_moved"] == rows["torch_fallback"]["bytes_moved"] == attention_jvp_bytes(
+        1, 2, 16, 8, elem_size=4)
+    assert all(r["timing"]["median_ms"] > 0 and r["flops"] > 0 for r in rows.values())
+
+
 def test_bench_rowwise_cpu_smoke(tmp_path):
     """bench_rowwise runs every op for PyTorch and the C++ twin on CPU, one JSONL row each with its bytes."""
     import json

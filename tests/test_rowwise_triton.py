@@ -353,3 +353,50 @@ def test_grid_y_limit_raises_a_named_error(monkeypatch):
     monkeypatch.setattr(tri, "_MAX_GRID_Y", 1)
     with pytest.raises(ValueError, match="2 programs on grid axis 1"):
         tri.gated_fwd(x, *gen.vecs(1), gen.rows())
+
+
+def test_every_launch_runs_on_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device and its stream: each op's kernels (the column sums too) launch
+    inside _triton_jit.on_device of their operands, so a cuda:1 tensor's kernels run on cuda:1."""
+    from dumo_engine.ops import _triton_jit
+
+    seen, inside, launched = [], [], []
+    real_jitted = tri._jitted
+
+    class Recorder:
+        def __init__(self, t):
+            self.t = t
+
+        def __enter__(self):
+            seen.append(self.t.device)
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    def jitted(fn):
+        kernel = real_jitted(fn)
+
+        class Checked:
+            def __getitem__(self, grid):
+                assert inside, f"{fn.__name__} launched outside on_device"
+                launched.append(fn.__name__)
+                return kernel[grid]
+
+        return Checked()
+
+    monkeypatch.setattr(_triton_jit, "on_device", Recorder)
+    monkeypatch.setattr(tri, "_jitted", jitted)
+    gen = Gen("fp32", 21)
+    x = gen.rows()
+    shift, scale, g, g_dot = gen.vecs(4)
+    _, mean, rstd = tri.ln_mod_fwd(x, shift, scale)
+    tri.ln_dual_fwd(x, shift, scale, g, g_dot)
+    tri.ln_mod_jvp(x, gen.rows(), mean, rstd, scale, shift, g)
+    tri.ln_mod_bwd([gen.rows(), gen.rows()], x, mean, rstd, [scale, g])
+    tri.gated_fwd(x, g, gen.rows())
+    tri.gated_jvp(gen.rows(), g, g_dot, gen.rows(), gen.rows())
+    tri.gated_bwd(x, g, gen.rows())
+    assert sorted(set(launched)) == ["_colsum_kernel", "_gated_bwd_kernel", "_gated_fwd_kernel", "_gated_jvp_kernel",
+                                     "_ln_bwd_kernel", "_ln_fwd_kernel", "_ln_jvp_kernel"]
+    assert len(seen) == len(launched) == 9 and set(seen) == {x.device}

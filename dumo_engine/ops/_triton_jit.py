@@ -5,6 +5,7 @@ triton.jit picks the interpreter or the compiler when it decorates, so kernels a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 _CACHE: dict = {}
@@ -23,3 +24,12 @@ def jitted(fn):
     if key not in _CACHE:
         _CACHE[key] = triton.jit(fn)
     return _CACHE[key]
+
+
+def on_device(t):
+    """The context to launch a kernel on tensor t's device in: Triton launches on the *current* CUDA device and its
+    current stream, so without it a cuda:1 tensor's kernel would run on device 0's stream (a fault, or no ordering
+    with PyTorch's work on cuda:1). Nothing for CPU tensors (the interpreter)."""
+    import torch
+
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -46,8 +46,10 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
+from . import _triton_jit
 from ._triton_jit import interpret, jitted
 
 try:  # optional dependency: pip install 'dumo-engine[triton]'
@@ -288,11 +290,7 @@ def _block_config(block_d: int, interpret: bool, elem_size: int) -> tuple[int, i
     """
     env = os.environ.get("DUMO_ATTN_JVP_BLOCKS")
     if env:
-        try:
-            bm, bn, w, st = (int(x) for x in env.split(","))
-        except ValueError as e:
-            raise ValueError(f"DUMO_ATTN_JVP_BLOCKS must be 'BLOCK_M,BLOCK_N,num_warps,num_stages', got {env!r}") from e
-        return bm, bn, w, st
+        return _parse_blocks(env)
     if interpret:
         return 16, 16, 1, 1
     if elem_size >= 4:
@@ -300,15 +298,34 @@ def _block_config(block_d: int, interpret: bool, elem_size: int) -> tuple[int, i
     return (64, 64, 8, 2) if block_d <= 64 else (64, 32, 8, 2)
 
 
-def _launch(launch, cfg: tuple[int, int, int, int]):
-    """launch(cfg); if the compiler reports too little shared memory/registers, retry smaller configs."""
+def _parse_blocks(env: str) -> tuple[int, int, int, int]:
+    """DUMO_ATTN_JVP_BLOCKS checked: tl.arange needs power-of-two blocks and tl.dot at least 16 rows/columns; Triton
+    takes 1..32 warps (a power of two) and at least one pipeline stage."""
+    form = f"DUMO_ATTN_JVP_BLOCKS must be 'BLOCK_M,BLOCK_N,num_warps,num_stages' (integers), got {env!r}"
+    try:
+        bm, bn, w, st = (int(x) for x in env.split(","))
+    except ValueError as e:
+        raise ValueError(form) from e
+    for name, val in (("BLOCK_M", bm), ("BLOCK_N", bn)):
+        if val < 16 or val & (val - 1):
+            raise ValueError(f"{form}: {name}={val} is not a power of two >= 16 (tl.dot's minimum)")
+    if w not in (1, 2, 4, 8, 16, 32):
+        raise ValueError(f"{form}: num_warps={w} is not one of 1, 2, 4, 8, 16, 32")
+    if st < 1:
+        raise ValueError(f"{form}: num_stages={st} must be >= 1")
+    return bm, bn, w, st
+
+
+def _launch(launch, cfg: tuple[int, int, int, int], strict: bool = False):
+    """launch(cfg); if the compiler reports too little shared memory/registers, retry smaller configs (strict: no
+    retry, the error propagates: a benchmark sweep must time the config it names)."""
     bm, bn, w, _ = cfg
-    fallbacks = [(bm, max(16, bn // 2), w, 1), (32, 32, 4, 1)]
+    fallbacks = [] if strict else [(bm, max(16, bn // 2), w, 1), (32, 32, 4, 1)]
     for attempt in [cfg] + fallbacks:
         try:
             return launch(attempt)
         except triton.runtime.OutOfResources as e:
-            if attempt is fallbacks[-1]:
+            if strict or attempt is fallbacks[-1]:
                 raise
             warnings.warn(f"attention_jvp: block config {attempt} is out of resources ({e}); trying a smaller one")
 
@@ -318,8 +335,38 @@ def _kernel_flags(q: torch.Tensor, interpret: bool) -> dict:
                 DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")  # fp32 inputs: no TF32 rounding
 
 
-def attention_jvp_fwd_triton(q, k, v, q_dot, k_dot, v_dot, blocks: Optional[tuple[int, int, int, int]] = None):
-    """Launch the fused kernel; returns (o, o_dot, lse) with o, o_dot contiguous (N, H, T, d), lse fp32 (N, H, T)."""
+_INT32_LIMIT = 2**31
+_MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1, where the kernels put batch x heads
+
+
+def _int32_safe(name: str, t: torch.Tensor) -> torch.Tensor:
+    """t, or a contiguous copy when an element offset inside one (batch, head) slice reaches 2^31: the kernels
+    widen only the batch and head offsets to int64 (the tile offsets, in the inner loops, stay int32)."""
+    def span(u):
+        return sum((n - 1) * abs(st) for n, st in zip(u.shape[2:], u.stride()[2:]) if n > 0)
+
+    if span(t) < _INT32_LIMIT:
+        return t
+    c = t.contiguous()
+    if span(c) >= _INT32_LIMIT:
+        raise ValueError(f"attention_jvp: {name} {tuple(t.shape)} has element offsets of 2^31 or more inside one "
+                         "(batch, head) slice, even contiguous; the kernels index inside a slice in int32")
+    return c
+
+
+def _batch_chunks(N: int, H: int):
+    """Batch slices whose N_chunk * H programs fit on grid axis 1 (one slice below the limit)."""
+    if H > _MAX_GRID_Y:
+        raise ValueError(f"attention_jvp: {H} heads exceed CUDA's grid-y limit {_MAX_GRID_Y}")
+    step = max(1, _MAX_GRID_Y // H)
+    return [slice(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+
+
+def attention_jvp_fwd_triton(q, k, v, q_dot, k_dot, v_dot, blocks: Optional[tuple[int, int, int, int]] = None,
+                             strict: bool = False):
+    """Launch the fused kernel; returns (o, o_dot, lse) with o, o_dot contiguous (N, H, T, d), lse fp32 (N, H, T).
+    blocks: a (BLOCK_M, BLOCK_N, num_warps, num_stages) config; strict: no smaller config if it does not fit."""
+    q, k, v, q_dot, k_dot, v_dot = (_int32_safe(n, t) for n, t in zip(_NAMES, (q, k, v, q_dot, k_dot, v_dot)))
     N, H, T_q, D = q.shape
     T_k = k.shape[2]
     interpret = _interpret()
@@ -334,15 +381,17 @@ def attention_jvp_fwd_triton(q, k, v, q_dot, k_dot, v_dot, blocks: Optional[tupl
 
     def launch(cfg):
         bm, bn, num_warps, num_stages = cfg
-        _jitted(_attn_jvp_fwd_kernel)[(triton.cdiv(T_q, bm), N * H)](
-            q, k, v, q_dot, k_dot, v_dot, o, o_dot, lse,
-            *q.stride(), *k.stride(), *v.stride(), *q_dot.stride(), *k_dot.stride(), *v_dot.stride(),
-            *o.stride(), *o_dot.stride(), *lse.stride(),
-            H, T_q, T_k, D, 1.0 / math.sqrt(D),
-            BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **_kernel_flags(q, interpret),
-            num_warps=num_warps, num_stages=num_stages)
+        with _triton_jit.on_device(q):
+            for b in _batch_chunks(N, H):
+                _jitted(_attn_jvp_fwd_kernel)[(triton.cdiv(T_q, bm), (b.stop - b.start) * H)](
+                    q[b], k[b], v[b], q_dot[b], k_dot[b], v_dot[b], o[b], o_dot[b], lse[b],
+                    *q.stride(), *k.stride(), *v.stride(), *q_dot.stride(), *k_dot.stride(), *v_dot.stride(),
+                    *o.stride(), *o_dot.stride(), *lse.stride(),
+                    H, T_q, T_k, D, 1.0 / math.sqrt(D),
+                    BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **_kernel_flags(q, interpret),
+                    num_warps=num_warps, num_stages=num_stages)
 
-    _launch(launch, blocks or _block_config(block_d, interpret, q.element_size()))
+    _launch(launch, blocks or _block_config(block_d, interpret, q.element_size()), strict)
     return o.to(q.dtype), o_dot.to(q.dtype), lse
 
 
@@ -351,6 +400,7 @@ def attention_bwd_triton(do, q, k, v, o, lse, blocks: Optional[tuple[int, int, i
 
     Two kernels (dK/dV over key blocks, dQ over query blocks) so that no atomics are needed; both recompute P.
     """
+    do, q, k, v = (_int32_safe(n, t) for n, t in (("do", do), ("q", q), ("k", k), ("v", v)))
     N, H, T_q, D = q.shape
     T_k = k.shape[2]
     interpret = _interpret()
@@ -370,10 +420,15 @@ def attention_bwd_triton(do, q, k, v, o, lse, blocks: Optional[tuple[int, int, i
         bm, bn, num_warps, num_stages = cfg
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **_kernel_flags(q, interpret), num_warps=num_warps,
                       num_stages=num_stages)
-        _jitted(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_k, bn), N * H)](
-            q, k, v, do, lse, delta, dk, dv, *strides, *dk.stride(), *dv.stride(), H, T_q, T_k, D, scale, **common)
-        _jitted(_attn_bwd_dq_kernel)[(triton.cdiv(T_q, bm), N * H)](
-            q, k, v, do, lse, delta, dq, *strides, *dq.stride(), H, T_q, T_k, D, scale, **common)
+        with _triton_jit.on_device(q):
+            for b in _batch_chunks(N, H):
+                nh = (b.stop - b.start) * H
+                _jitted(_attn_bwd_dkdv_kernel)[(triton.cdiv(T_k, bn), nh)](
+                    q[b], k[b], v[b], do[b], lse[b], delta[b], dk[b], dv[b], *strides, *dk.stride(), *dv.stride(),
+                    H, T_q, T_k, D, scale, **common)
+                _jitted(_attn_bwd_dq_kernel)[(triton.cdiv(T_q, bm), nh)](
+                    q[b], k[b], v[b], do[b], lse[b], delta[b], dq[b], *strides, *dq.stride(), H, T_q, T_k, D, scale,
+                    **common)
 
     _launch(launch, blocks or _block_config(block_d, interpret, q.element_size()))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
@@ -525,7 +580,15 @@ def attention_jvp(q, k, v, q_dot, k_dot, v_dot) -> tuple[torch.Tensor, torch.Ten
 
     Inputs (N, H, T, d) (k, v may have another T), any strides, one dtype (fp16/bf16/fp32 run the kernel) and
     one device. o is differentiable w.r.t. q, k, v; o_dot is not (stop-gradient, nothing saved for it).
+    Forward-mode AD through it (torch.func.jvp, forward_ad dual tensors) is refused: the op has no forward-mode
+    formula, and PyTorch would otherwise give o a zero tangent without a word.
     """
     check_inputs(q, k, v, q_dot, k_dot, v_dot)
+    for name, t in zip(_NAMES, (q, k, v, q_dot, k_dot, v_dot)):
+        if fwAD.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(f"attention_jvp: {name} carries a forward-mode tangent (torch.func.jvp or "
+                                      "torch.autograd.forward_ad); the op has no forward-mode rule. It computes the "
+                                      "tangent itself: pass the tangents as q_dot, k_dot, v_dot, or use "
+                                      "F.scaled_dot_product_attention (math backend) under forward-mode AD")
     o, o_dot, _ = _attention_jvp_op(q, k, v, q_dot, k_dot, v_dot)
     return o, o_dot

@@ -38,6 +38,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import _triton_jit
 from ._triton_jit import interpret, jitted
 
 try:  # optional dependency: pip install 'dumo-engine[triton]'
@@ -398,6 +399,12 @@ def _grid(x: int, y: int) -> tuple:
     return (x, y)
 
 
+def _launch(kernel, grid: tuple, like: torch.Tensor, *args, **meta) -> None:
+    """kernel[grid](*args, **meta) on like's CUDA device (Triton launches on the current one; _triton_jit.on_device)."""
+    with _triton_jit.on_device(like):
+        _jitted(kernel)[grid](*args, **meta)
+
+
 def _stage(dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of a kernel output: the interpreter truncates fp32 -> bf16, so there bf16 is staged in fp32
     and rounded (round-to-nearest-even) by torch."""
@@ -415,8 +422,8 @@ def _column_sums(part: torch.Tensor, dtypes: list[torch.dtype]) -> list[torch.Te
     out = torch.empty((S, N, D), dtype=_stage(dtypes[0]) if one else torch.float32, device=part.device)
     block_t = min(32, _next_pow2(n_tiles))
     block_c = max(16, min(_next_pow2(D), 4096 // block_t))
-    _jitted(_colsum_kernel)[_grid(_cdiv(D, block_c), S * N)](
-        part, out, n_tiles, D, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
+    _launch(_colsum_kernel, _grid(_cdiv(D, block_c), S * N), part,
+            part, out, n_tiles, D, BLOCK_T=block_t, BLOCK_C=block_c, num_warps=4)
     return [o.to(dt) for o, dt in zip(out.unbind(0), dtypes)]
 
 
@@ -432,7 +439,7 @@ def _ln_fwd(x, mods, eps, out_dtypes):
     if N * T > 0:
         block_d, block_r, num_warps = _row_config(T, D)
         (sh1, sc1), (sh2, sc2) = mods[0], mods[-1]
-        _jitted(_ln_fwd_kernel)[_grid(_cdiv(T, block_r), N)](
+        _launch(_ln_fwd_kernel, _grid(_cdiv(T, block_r), N), x,
             x, ys[0], ys[-1], mean, rstd, sh1, sc1, sh2, sc2,
             sh1.stride(0), sc1.stride(0), sh2.stride(0), sc2.stride(0), T, D, float(eps),
             DUAL=len(mods) == 2, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
@@ -473,7 +480,7 @@ def ln_mod_jvp(x, x_dot, mean, rstd, scale, shift_dot, scale_dot, out_dtype=None
     y_dot = _empty(x, dt)
     if N * T > 0:
         block_d, block_r, num_warps = _row_config(T, D)
-        _jitted(_ln_jvp_kernel)[_grid(_cdiv(T, block_r), N)](
+        _launch(_ln_jvp_kernel, _grid(_cdiv(T, block_r), N), x,
             x, x_dot, mean, rstd, scale, shift_dot, scale_dot, y_dot,
             *mean.stride(), *rstd.stride(), scale.stride(0), shift_dot.stride(0), scale_dot.stride(0), T, D,
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
@@ -502,7 +509,7 @@ def ln_mod_bwd(gys: Sequence[torch.Tensor], x, mean, rstd, scales: Sequence[torc
     else:
         block_d, block_r, tile_t, n_tiles, num_warps = _bwd_config(N, T, D)
         part = torch.empty((2 * K, N, n_tiles, D), dtype=torch.float32, device=x.device)
-        _jitted(_ln_bwd_kernel)[_grid(n_tiles, N)](
+        _launch(_ln_bwd_kernel, _grid(n_tiles, N), x,
             gys[0], gys[-1], x, mean, rstd, scales[0], scales[-1], gx, part,
             *mean.stride(), *rstd.stride(), scales[0].stride(0), scales[-1].stride(0), part.stride(0), n_tiles,
             T, D, DUAL=K == 2, TILE_T=tile_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
@@ -519,7 +526,7 @@ def gated_fwd(x, g, h):
     out = _empty(x, x.dtype)
     if N * T > 0:
         block_d, block_r, num_warps = _row_config(T, D)
-        _jitted(_gated_fwd_kernel)[_grid(_cdiv(T, block_r), N)](
+        _launch(_gated_fwd_kernel, _grid(_cdiv(T, block_r), N), x,
             x, g, h, out, g.stride(0), T, D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
     return out.to(x.dtype)
 
@@ -535,7 +542,7 @@ def gated_jvp(x_dot, g, g_dot, h, h_dot):
     out = torch.empty(x_dot.shape, dtype=torch.float32, device=x_dot.device)
     if N * T > 0:
         block_d, block_r, num_warps = _row_config(T, D)
-        _jitted(_gated_jvp_kernel)[_grid(_cdiv(T, block_r), N)](
+        _launch(_gated_jvp_kernel, _grid(_cdiv(T, block_r), N), x_dot,
             x_dot, g, g_dot, h, h_dot, out, g.stride(0), g_dot.stride(0), T, D,
             BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
     return out
@@ -553,7 +560,7 @@ def gated_bwd(gout, g, h):
     else:
         block_d, block_r, tile_t, n_tiles, num_warps = _bwd_config(N, T, D)
         part = torch.empty((1, N, n_tiles, D), dtype=torch.float32, device=gout.device)
-        _jitted(_gated_bwd_kernel)[_grid(n_tiles, N)](
+        _launch(_gated_bwd_kernel, _grid(n_tiles, N), gout,
             gout, g, h, gh, part, g.stride(0), n_tiles, T, D,
             TILE_T=tile_t, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=num_warps)
         (gg,) = _column_sums(part, [g.dtype])
