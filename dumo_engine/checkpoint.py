@@ -70,19 +70,35 @@ def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def rng_state() -> dict[str, torch.Tensor]:
+def _cuda_index(device: Optional[torch.device]) -> Optional[int]:
+    """The CUDA device index a run trains on (None: not a CUDA run)."""
+    if device is None or torch.device(device).type != "cuda":
+        return None
+    idx = torch.device(device).index
+    return torch.cuda.current_device() if idx is None else idx
+
+
+def rng_state(device: Optional[torch.device] = None) -> dict[str, torch.Tensor]:
+    """The CPU generator's state, and on a CUDA run the state of the device it trains on ("torch_cuda"): only that
+    generator draws for the run, and a resume may see other devices (fewer, or numbered otherwise)."""
     out = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            out[f"torch_cuda_{i}"] = s
+    idx = _cuda_index(device)
+    if idx is not None:
+        out["torch_cuda"] = torch.cuda.get_rng_state(idx)
     return out
 
 
-def set_rng_state(states: dict[str, torch.Tensor]) -> None:
+def set_rng_state(states: dict[str, torch.Tensor], device: Optional[torch.device] = None) -> None:
+    """Restore rng_state's states; the CUDA one into the device this run trains on. A checkpoint written before the
+    CUDA state was per run ("torch_cuda_<i>" for every visible device) gives that device's own entry. A CUDA state
+    without a CUDA run (or the reverse) is left alone: a change of device is allowed, and not bit-exact."""
     torch.set_rng_state(states["torch_cpu"])
-    cuda = [states[k] for k in sorted(states) if k.startswith("torch_cuda_")]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    idx = _cuda_index(device)
+    if idx is None:
+        return
+    state = states.get("torch_cuda", states.get(f"torch_cuda_{idx}"))
+    if state is not None:
+        torch.cuda.set_rng_state(state, idx)
 
 
 def step_dirs(root: str) -> list[str]:
@@ -117,7 +133,8 @@ def publish(root: str, name: str, tmp: str, state: dict, keep: int) -> str:
     """Write state.json into tmp, rename tmp to its final name, then point `latest` at it (each step atomic)."""
     final = os.path.join(root, name)
     _write_json_atomic(os.path.join(tmp, "state.json"), state)
-    fsync_dir(tmp)
+    for d, _, _ in sorted(os.walk(tmp), key=lambda w: -w[0].count(os.sep)):  # deepest first: DeepSpeed's shard dirs
+        fsync_dir(d)
     old = None
     if os.path.exists(final):  # re-saving a step (after resuming from an older checkpoint): move the old one aside
         old = f"{tmp}_replaced"  # a .tmp_ name: a save killed before the rmtree below leaves it for stage_dir
@@ -132,15 +149,17 @@ def publish(root: str, name: str, tmp: str, state: dict, keep: int) -> str:
 
 
 def save_checkpoint(run_dir: str, step: int, model: torch.nn.Module, ema: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, meta: Optional[dict] = None, keep: int = 2) -> str:
-    """Write checkpoint `step` atomically; returns its directory. Older ones beyond `keep` are removed."""
+                    optimizer: torch.optim.Optimizer, meta: Optional[dict] = None, keep: int = 2,
+                    device: Optional[torch.device] = None) -> str:
+    """Write checkpoint `step` atomically; returns its directory. Older ones beyond `keep` are removed. device: the
+    one the run trains on (its CUDA generator is saved)."""
     root, name, tmp = stage_dir(run_dir, step)
     opt_tensors, opt_meta = optimizer_to_flat(optimizer)
     parts = {
         "model.safetensors": _state_dict_tensors(model.state_dict()),
         "ema.safetensors": _state_dict_tensors(ema.state_dict()),
         "optimizer.safetensors": opt_tensors,
-        "rng.safetensors": rng_state(),
+        "rng.safetensors": rng_state(device),
     }
     files = {}
     for fname, tensors in parts.items():
@@ -158,14 +177,23 @@ def _prune(root: str, keep: int, protect: str) -> None:
             shutil.rmtree(os.path.join(root, d), ignore_errors=True)
 
 
+def has_checkpoints(run_dir: str) -> bool:
+    """Whether run_dir holds any checkpoint directory (complete or not: load_newest_valid decides which loads)."""
+    root = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(root) and bool(step_dirs(root))
+
+
 def latest_checkpoint(run_dir: str) -> Optional[str]:
     """The newest complete checkpoint of a run, or None when it has none."""
     root = os.path.join(run_dir, "checkpoints")
     pointer = os.path.join(root, "latest")
     if not os.path.isfile(pointer):
         return None
-    with open(pointer) as f:
-        name = f.read().strip()
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            name = f.read().strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{pointer} is not text (damaged)") from None
     path = os.path.join(root, name)
     if not name or not os.path.isdir(path):
         raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory")
@@ -291,8 +319,10 @@ def load_checkpoint(path: str, verify: bool = True) -> dict:
     return out
 
 
-def restore(ckpt: dict, model: torch.nn.Module, ema: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> int:
-    """Load a checkpoint read by load_checkpoint into live objects (and the RNG); returns its step."""
+def restore(ckpt: dict, model: torch.nn.Module, ema: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer],
+            device: Optional[torch.device] = None) -> int:
+    """Load a checkpoint read by load_checkpoint into live objects (and the RNG: the CUDA one into device's);
+    returns its step."""
     if ckpt.get("kind", "local") != "local":
         st = ckpt.get("state", {})
         raise CheckpointError(f"checkpoint {ckpt['path']} was written by a DeepSpeed run (ZeRO-{st.get('zero_stage')}, "
@@ -309,7 +339,7 @@ def restore(ckpt: dict, model: torch.nn.Module, ema: torch.nn.Module, optimizer:
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt['path']}: optimizer state does not fit: {e}") from None
     try:
-        set_rng_state(ckpt["rng"])
-    except (KeyError, RuntimeError, TypeError) as e:
+        set_rng_state(ckpt["rng"], device)
+    except (KeyError, RuntimeError, TypeError, IndexError, ValueError) as e:
         raise CheckpointError(f"checkpoint {ckpt['path']}: its RNG state does not load ({e!r})") from None
     return int(ckpt["step"])

@@ -241,6 +241,8 @@ def validate(cfg: RunConfig) -> RunConfig:
     if cfg.model.input_size % DIT_SIZES[cfg.model.name].patch_size:
         raise ConfigError(f"model.input_size {cfg.model.input_size} is not divisible by {cfg.model.name}'s patch size")
     _check_dataset(cfg)
+    if not cfg.train.out_dir.strip():
+        raise ConfigError("train.out_dir is empty: name the run directory (e.g. runs/digits)")
     if cfg.train.micro_batch and not cfg.train.deepspeed:
         raise ConfigError("train.micro_batch applies to DeepSpeed runs only (set train.deepspeed, or leave it 0)")
     if cfg.train.deepspeed and o.name != "flow_matching" and o.jvp_backend in ("func", "forward_ad"):
@@ -329,8 +331,24 @@ def read_config_file(path: str | os.PathLike, allow_empty: bool = True) -> dict:
 def apply_overrides(cfg: RunConfig, overrides: typing.Sequence[str]) -> RunConfig:
     """Apply --section.key=value overrides in order, then validate."""
     for arg in overrides:
-        _apply(cfg, _nest(*parse_override(arg)))
+        key, value = parse_override(arg)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _is_text_field(key):
+            value = arg.split("=", 1)[1]  # a path or name that looks like a number (--train.out_dir=1e3) stays text
+        _apply(cfg, _nest(key, value))
     return validate(cfg)
+
+
+def _is_text_field(key: str) -> bool:
+    """Whether section.key is a str (or Optional[str]) setting of RunConfig."""
+    parts = key.split(".")
+    if len(parts) != 2:
+        return False
+    section = typing.get_type_hints(RunConfig).get(parts[0])
+    if section is None or not dataclasses.is_dataclass(section):
+        return False
+    hint = typing.get_type_hints(section).get(parts[1])
+    return hint is str or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                           and str in typing.get_args(hint))
 
 
 def to_dict(cfg: RunConfig) -> dict:

@@ -129,7 +129,7 @@ def _trim_log(path: str, last_step: int) -> None:
                 row = json.loads(ln)
             except json.JSONDecodeError:  # a line cut short when the process was killed
                 continue
-            if row.get("step", 0) <= last_step:
+            if isinstance(row, dict) and isinstance(row.get("step", 0), int) and row.get("step", 0) <= last_step:
                 keep.append(json.dumps(row) + "\n")
     write_text_atomic(path, "".join(keep))
 
@@ -156,6 +156,7 @@ class LocalBackend:
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, device: torch.device):
         oc = cfg.optim
+        self.device = device
         self.module = self.model = model
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
@@ -188,7 +189,7 @@ class LocalBackend:
         return fn()
 
     def save(self, run_dir: str, step: int, meta: dict, keep: int) -> None:
-        ckpt_io.save_checkpoint(run_dir, step, self.model, self.ema, self.opt, meta=meta, keep=keep)
+        ckpt_io.save_checkpoint(run_dir, step, self.model, self.ema, self.opt, meta=meta, keep=keep, device=self.device)
 
     def resume(self, run_dir: str, check=None) -> tuple[int, str | None, list[str]]:
         """(step, path, skipped-damaged messages) of the newest usable checkpoint, restored into the live objects
@@ -198,7 +199,7 @@ class LocalBackend:
             return 0, None, skipped
         if check is not None:
             check(ckpt["path"], ckpt["state"])
-        return ckpt_io.restore(ckpt, self.model, self.ema, self.opt), ckpt["path"], skipped
+        return ckpt_io.restore(ckpt, self.model, self.ema, self.opt, self.device), ckpt["path"], skipped
 
     def final_models(self):
         return self.model, self.ema
@@ -232,7 +233,10 @@ def train(cfg: RunConfig) -> TrainResult:
     log_path = os.path.join(run_dir, "log.jsonl")
     torch.manual_seed(tc.seed)
     model = build_model_from_config(cfg).to(device)
-    if cfg.model.pretrained:
+    # a resume overwrites the pretrained weights: its file may be gone by then (checked below if nothing resumes)
+    pretrained_skipped = bool(cfg.model.pretrained and tc.resume and not os.path.exists(cfg.model.pretrained)
+                              and ckpt_io.has_checkpoints(run_dir))
+    if cfg.model.pretrained and not pretrained_skipped:
         print(load_pretrained_dit(model, cfg.model.pretrained, source=cfg.model.pretrained_source).summary())
     objective = build_objective(cfg)
     if tc.deepspeed and getattr(objective, "jvp_backend", None) == "auto":
@@ -241,6 +245,8 @@ def train(cfg: RunConfig) -> TrainResult:
     main = backend.is_main
 
     def prepare_run_dir():
+        if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+            raise ConfigError(f"train.out_dir: {run_dir} exists and is not a directory")
         os.makedirs(run_dir, exist_ok=True)
         if not tc.resume:
             _archive_previous(run_dir)
@@ -252,6 +258,9 @@ def train(cfg: RunConfig) -> TrainResult:
         check_resume_settings(path, state, cfg)
 
     step, path, skipped = backend.resume(run_dir, check) if tc.resume else (0, None, [])
+    if pretrained_skipped and path is None:
+        raise ConfigError(f"model.pretrained: {cfg.model.pretrained} does not exist, and {run_dir} has no checkpoint "
+                          "to resume instead (its checkpoints directory holds none that loads)")
 
     def report_resume():  # config.yaml only now: a refused resume leaves the run's own config in place
         save_config(cfg, os.path.join(run_dir, "config.yaml"))
@@ -313,6 +322,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 if main:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
+                    if ckpt_now:  # durable before the checkpoint that follows: a resume keeps rows up to it
+                        os.fsync(log.fileno())
                 if bar is not None:
                     bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{img_s:.0f}")
                 sums, count, t_last = {}, 0, time.perf_counter()

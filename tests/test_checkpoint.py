@@ -291,3 +291,82 @@ def test_resaving_a_step_replaces_it_whole(tmp_path):
     ck = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(str(tmp_path)))
     assert ck["step"] == 4 and _state_equal(ck["model"], res.model.state_dict())
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["latest", "step_00000002", "step_00000004"]
+
+
+def test_cuda_rng_state_is_the_training_devices(monkeypatch):
+    """The CUDA generator saved and restored is the training device's: by index, so a resume sees the right state
+    with another number of visible devices (the state of every device, sorted by name, put device 10's state into
+    device 2 with 12 GPUs, and failed with a bare IndexError on fewer). CUDA is mocked: no GPU here."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda i: torch.full((4,), i, dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda st, i: calls.append((int(st[0]), i)))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 2)
+    st = ckpt_io.rng_state(torch.device("cuda", 10))
+    assert sorted(st) == ["torch_cpu", "torch_cuda"] and int(st["torch_cuda"][0]) == 10
+    ckpt_io.set_rng_state(st, torch.device("cuda", 0))  # resumed where one device is visible
+    assert calls == [(10, 0)]
+    # a checkpoint written before: every visible device's state, "torch_cuda_<i>"
+    legacy = {"torch_cpu": torch.get_rng_state(),
+              **{f"torch_cuda_{i}": torch.full((4,), i, dtype=torch.uint8) for i in range(12)}}
+    calls.clear()
+    ckpt_io.set_rng_state(legacy, torch.device("cuda", 10))
+    assert calls == [(10, 10)]
+    calls.clear()
+    ckpt_io.set_rng_state(legacy, torch.device("cuda"))  # no index: the current device
+    assert calls == [(2, 2)]
+    calls.clear()
+    ckpt_io.set_rng_state(st, torch.device("cpu"))  # a device change: the CPU generator only
+    assert calls == [] and sorted(ckpt_io.rng_state(torch.device("cpu"))) == ["torch_cpu"]
+
+
+def test_resume_needs_no_pretrained_file(tmp_path):
+    """A fine-tuning run resumes after its model.pretrained file is gone (the checkpoint overwrites those weights);
+    without a checkpoint to resume, the missing file is a named error."""
+    import safetensors.torch
+
+    cfg = tiny_config(tmp_path / "src", "--train.steps=1")
+    src = train(cfg).model
+    sd = {k.replace("v_head.", "final_layer."): v.contiguous() for k, v in src.state_dict().items()
+          if not k.startswith(("h_embedder.", "u_head."))}
+    weights = tmp_path / "dit.safetensors"
+    safetensors.torch.save_file(sd, str(weights))
+    run = tmp_path / "ft"
+    train(tiny_config(run, "--train.steps=2", f"--model.pretrained={weights}"))
+    want = train(tiny_config(tmp_path / "straight", "--train.steps=4", f"--model.pretrained={weights}"))
+    weights.unlink()
+    res = train(tiny_config(run, "--train.steps=4", f"--model.pretrained={weights}"))
+    assert res.step == 4 and _state_equal(res.model.state_dict(), want.model.state_dict())
+    empty = tmp_path / "empty"
+    (empty / "checkpoints" / "step_00000002").mkdir(parents=True)  # a checkpoint directory that does not load
+    with pytest.raises(ckpt_io.CheckpointError, match="no usable checkpoint"):
+        train(tiny_config(empty, "--train.steps=4", f"--model.pretrained={weights}"))
+
+
+def test_damaged_inputs_give_named_errors(tmp_path):
+    """A `latest` pointer that is not text falls back to the other checkpoints; a log row that is JSON but not an
+    object is dropped on resume; an out_dir naming a file is a config error."""
+    from dumo_engine.config import ConfigError
+
+    train(tiny_config(tmp_path, "--train.steps=2", "--train.ckpt_every=1"))
+    (tmp_path / "checkpoints" / "latest").write_bytes(b"\xff\xfe")
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('"x"\n[1]\n{"step": "3"}\n')
+    res = train(tiny_config(tmp_path, "--train.steps=3", "--train.ckpt_every=1"))
+    assert res.step == 3 and [r["step"] for r in read_log(res.log_path)] == [1, 2, 3]
+    afile = tmp_path / "a_file"
+    afile.write_text("")
+    with pytest.raises(ConfigError, match="exists and is not a directory"):
+        train(tiny_config(afile, "--train.steps=1"))
+
+
+def test_publish_fsyncs_every_directory_deepest_first(tmp_path, monkeypatch):
+    """A checkpoint's subdirectories (DeepSpeed's shard directories) are fsynced before the rename, deepest first."""
+    synced = []
+    monkeypatch.setattr(ckpt_io, "fsync_dir", lambda d: synced.append(os.path.relpath(d, tmp_path)))
+    root, name, tmp = ckpt_io.stage_dir(str(tmp_path), 5)
+    os.makedirs(os.path.join(tmp, "deepspeed", "ds"))
+    with open(os.path.join(tmp, "deepspeed", "ds", "shard.pt"), "w") as f:
+        f.write("x")
+    ckpt_io.publish(root, name, tmp, {"step": 5, "files": {}}, keep=2)
+    t = os.path.relpath(tmp, tmp_path)
+    assert synced[:3] == [os.path.join(t, "deepspeed", "ds"), os.path.join(t, "deepspeed"), t]

@@ -72,6 +72,13 @@ def test_bad_yaml_file_names_the_key(tmp_path):
 
 def test_overrides_parse_and_apply():
     assert parse_override("--optim.lr=1e-3") == ("optim.lr", 1e-3)
+    # a text setting keeps text that YAML would read as a number
+    assert load_config(None, ["--train.out_dir=1e3"]).train.out_dir == "1e3"
+    assert load_config(None, ["--train.out_dir=2026"]).train.out_dir == "2026"
+    assert load_config(None, ["--model.pretrained=0.5"]).model.pretrained == "0.5"
+    assert load_config(None, ["--model.pretrained=null"]).model.pretrained is None
+    with pytest.raises(ConfigError, match="train.out_dir is empty"):
+        load_config(None, ["--train.out_dir="])
     assert parse_override("--train.resume=false") == ("train.resume", False)
     cfg = load_config(DIGITS, ["--optim.lr=3e-4", "--train.steps=7", "--objective.equal_fraction=null",
                                "--eval.methods=[u1]"])

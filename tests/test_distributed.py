@@ -194,6 +194,9 @@ def test_shards_are_loaded_weights_only(tmp_path):
     _train(run, 1, 0, steps=2)
     res = _train(run, 1, 0, steps=3, extra=["--optim.lr=5e-4"], check=False)  # not the run's lr: refused
     assert res.returncode == 2 and "optim.lr=0.001; this run has optim.lr=0.0005" in res.stderr, res.stderr[-2000:]
+    res = _train(run, 1, 0, steps=3, extra=["--train.micro_batch=4"], check=False)  # 2 accumulation steps, not 1
+    assert res.returncode == 2 and "per-rank micro-batch of 8 (train.micro_batch) but this run has 4" in res.stderr, \
+        res.stderr[-2000:]
     res = _train(run, 1, 0, steps=3)
     assert "step_00000002 at step 2" in res.stdout, res.stdout[-2000:]
     ck = run / "checkpoints" / "step_00000003"

@@ -50,7 +50,7 @@ def save_ds_checkpoint(run_dir: str, step: int, backend, meta: Optional[dict] = 
     model_sd, ema_sd = backend.full_state_dicts()  # collective gather to rank 0
     if backend.stage > 0:  # the EMA is partitioned like the optimizer state
         save_file(backend.ema.shard_tensors(), os.path.join(tmp, _rank_file("ema_shard", rank)))
-    save_file(ckpt_io.rng_state(), os.path.join(tmp, _rank_file("rng", rank)))
+    save_file(ckpt_io.rng_state(backend.device), os.path.join(tmp, _rank_file("rng", rank)))
     if backend.is_main:
         save_file(model_sd, os.path.join(tmp, "model.safetensors"))
         save_file(ema_sd, os.path.join(tmp, "ema.safetensors"))
@@ -62,7 +62,8 @@ def save_ds_checkpoint(run_dir: str, step: int, backend, meta: Optional[dict] = 
     dist.all_gather_object(shares, mine)
     files = {k: v for share in shares for k, v in sorted(share.items())}
     state = {"format": ckpt_io.FORMAT_VERSION, "kind": "deepspeed", "step": step, "files": files,
-             "zero_stage": backend.stage, "world_size": backend.world_size, "meta": meta or {}}
+             "zero_stage": backend.stage, "world_size": backend.world_size, "micro_batch": backend.micro,
+             "meta": meta or {}}
     final = backend.on_main(lambda: ckpt_io.publish(root, name, tmp, state, keep))
     return final if backend.is_main else None
 
@@ -123,6 +124,11 @@ def resume_ds_checkpoint(run_dir: str, backend, check=None) -> tuple[int, Option
         if state.get(key) != have:
             raise CheckpointError(f"checkpoint {path} has {key}={state.get(key)} but this run has {have}: DeepSpeed's "
                                   "partitions are per rank; resume with the same ZeRO stage and number of ranks")
+    if "micro_batch" in state and state["micro_batch"] != backend.micro:  # recorded since it is checked
+        raise CheckpointError(f"checkpoint {path} was trained with a per-rank micro-batch of {state['micro_batch']} "
+                              f"(train.micro_batch) but this run has {backend.micro}: other accumulation steps sum "
+                              "the gradients in another order, so the resume would not continue the run bit for bit; "
+                              "set train.micro_batch back, or train into a new train.out_dir")
     with weights_only_loads(backend.engine):
         load_path, _ = backend.engine.load_checkpoint(os.path.join(path, DS_DIR), tag=DS_TAG,
                                                       load_optimizer_states=True, load_lr_scheduler_states=False)
@@ -130,5 +136,9 @@ def resume_ds_checkpoint(run_dir: str, backend, check=None) -> tuple[int, Option
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
     ema_file = _rank_file("ema_shard", backend.rank) if backend.stage > 0 else "ema.safetensors"
     backend.ema.load_shards(load_file(os.path.join(path, ema_file)))
-    ckpt_io.set_rng_state(load_file(os.path.join(path, _rank_file("rng", backend.rank))))
+    rng_file = os.path.join(path, _rank_file("rng", backend.rank))
+    try:
+        ckpt_io.set_rng_state(load_file(rng_file), backend.device)
+    except (KeyError, RuntimeError, TypeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path}: {os.path.basename(rng_file)} does not load ({e!r})") from None
     return int(state["step"]), path, skipped
