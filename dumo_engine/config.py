@@ -189,6 +189,15 @@ def _apply(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, k, _coerce(key, v, hints[k]))
 
 
+# Objective settings that only some objectives read (train.build_objective); where they are unused, a value other
+# than the default is refused instead of ignored.
+_USED_BY = {"lambda_v": "it weighs DuMo's v loss: dumo only",
+            "tangent": "the flow-map JVP's tangent: dumo and meanflow only",
+            "target_velocity": "the flow-map target: dumo and meanflow only",
+            "jvp_backend": "flow matching takes no JVP"}
+_UNUSED_BY = {"meanflow": ("lambda_v",), "flow_matching": ("lambda_v", "tangent", "target_velocity", "jvp_backend")}
+
+
 def validate(cfg: RunConfig) -> RunConfig:
     """Range and choice checks; raises ConfigError naming the key."""
     from .models import DIT_SIZES
@@ -234,6 +243,14 @@ def validate(cfg: RunConfig) -> RunConfig:
         problem = flow_map_option_problem(o.name, o.tangent, o.target_velocity, o.lambda_v, guided)
         if problem:
             raise ConfigError(problem)
+    defaults = ObjectiveConfig()
+    for key in _UNUSED_BY.get(o.name, ()):  # set away from its default where it would be dropped without a word
+        if getattr(o, key) != getattr(defaults, key):
+            raise ConfigError(f"objective.{key}={getattr(o, key)!r} has no effect on objective.name={o.name} "
+                              f"({_USED_BY[key]}); leave it at its default {getattr(defaults, key)!r}")
+    if o.adaptive_p > 0 and o.adaptive_eps == 0:
+        raise ConfigError(f"objective.adaptive_eps must be > 0 with objective.adaptive_p={o.adaptive_p} (the weight "
+                          "L / (L + eps)^p of a sample with zero loss would be 0/0)")
     if not 0.0 < cfg.sample.t_mid < 1.0:
         raise ConfigError(f"sample.t_mid must be in (0, 1), got {cfg.sample.t_mid}")
     if cfg.objective.cfg_t_lo > cfg.objective.cfg_t_hi:

@@ -60,6 +60,8 @@ def sample_v(model, z: torch.Tensor, y: torch.Tensor, steps: int, solver: str = 
         raise ValueError(f"steps must be >= 1, got {steps}")
     if solver not in ("euler", "heun"):
         raise ValueError(f"solver must be 'euler' or 'heun', got {solver!r}")
+    if head not in ("v", "u"):
+        raise ValueError(f"head must be 'v' or 'u', got {head!r}")
 
     def vel(zz, t):
         v, u = model(zz, _full(zz, t), _full(zz, 0.0), y, heads=head)

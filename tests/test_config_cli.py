@@ -52,6 +52,12 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
     (["--objective.name=meanflow", "--objective.target_velocity=model"], "objective.target_velocity=model"),
     (["--objective.lambda_v=0", "--objective.tangent=model"], "objective.lambda_v=0"),
     (["--objective.lambda_v=0", "--objective.cfg_w=0.5", "--objective.cfg_k=0.3"], "objective.lambda_v=0"),
+    # settings the chosen objective would drop without a word
+    (["--objective.name=meanflow", "--objective.lambda_v=9"], "objective.lambda_v=9.0 has no effect"),
+    (["--objective.name=flow_matching", "--objective.tangent=model"], "objective.tangent='model' has no effect"),
+    (["--objective.name=flow_matching", "--objective.target_velocity=model"], "objective.target_velocity"),
+    (["--objective.name=flow_matching", "--objective.jvp_backend=forward_ad"], "objective.jvp_backend"),
+    (["--objective.adaptive_eps=0"], "objective.adaptive_eps must be > 0"),
 ])
 def test_bad_config_names_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -582,3 +582,76 @@ def test_guidance_for_model_sizes():
     assert (b.w, b.k, b.t_hi) == (1.0, 0.5, 1.0)
     assert GuidanceConfig.for_model("DiT-L/2").t_hi == 0.8
     assert not GuidanceConfig.for_model("DiT-digits").enabled
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# float64 runs, refused settings, METHOD.md's constants
+# ----------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["func", "fused"])
+def test_float64_runs_keep_float64(backend):
+    """A float64 model and batch (finite-difference checks) keep float64 through the CFG velocities, du/dt and the
+    squared errors: the loss is float64 and equals the float32 run's to float32 accuracy only."""
+    from dumo_engine.models import build_model
+    from dumo_engine.objectives.common import model_velocity
+
+    torch.manual_seed(0)
+    model = build_model("DiT-tiny", input_size=8, in_channels=1, num_classes=NUM_CLASSES).double()
+    for p in model.parameters():  # the zero-initialised heads and adaLN would make every output exact
+        p.data.normal_(0, 0.2)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    y = torch.tensor([0, 1, NULL - 1])
+    obj = DuMo(NUM_CLASSES, guidance=GuidanceConfig(w=0.6, k=0.2), jvp_backend=backend)
+    draws = obj.draw(x.float())
+    d64 = type(draws)({k: (v.double() if v.is_floating_point() else v) for k, v in draws.items()})
+    loss64, m = obj.loss(model, x, y, d64)
+    assert loss64.dtype == torch.float64 and m["mse_u"].dtype == torch.float64
+    v_c, v_u = model_velocity(model, x, d64["t"], y, NULL, "v", with_uncond=True)
+    assert v_c.dtype == v_u.dtype == torch.float64
+    loss32, _ = obj.loss(model.float(), x.float(), y, draws)
+    assert abs(loss64.item() - loss32.item()) < 1e-4 * abs(loss64.item())
+
+
+def test_adaptive_eps_zero_is_refused():
+    """eps = 0 with p > 0 weighs a zero-loss sample 0/0 (NaN): refused by every objective; p = 0 needs no eps."""
+    from dumo_engine.objectives.common import adaptive_weight
+
+    assert torch.isnan(adaptive_weight(torch.tensor([0.0, 2.0]), 1.0, 0.0))[0]  # what it would compute
+    for cls in (DuMo, MeanFlow, FlowMatching):
+        with pytest.raises(ValueError, match="adaptive_eps must be > 0 with adaptive_p = 1.0"):
+            cls(NUM_CLASSES, adaptive_p=1.0, adaptive_eps=0.0)
+        with pytest.raises(ValueError, match="adaptive_p must be >= 0"):
+            cls(NUM_CLASSES, adaptive_p=-1.0)
+        cls(NUM_CLASSES, adaptive_p=0.0, adaptive_eps=0.0)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(label_dropout=1.5), r"label_dropout must be in \[0, 1\]"),
+    (dict(t_lo=0.9, t_hi=0.1), r"0 <= t_lo <= t_hi <= 1"),
+    (dict(t_hi=1.2), r"0 <= t_lo <= t_hi <= 1"),
+    (dict(w=0.5, k=0.3, label_dropout=0.0), "needs label_dropout > 0"),
+])
+def test_guidance_config_is_checked(kw, match):
+    """The Python API refuses what the config refuses: a guidance interval out of order, dropout outside [0, 1],
+    guidance without label dropout (the NULL class would never be trained)."""
+    with pytest.raises(ValueError, match=match):
+        GuidanceConfig(**kw)
+
+
+def test_defaults_are_method_md():
+    """METHOD.md's constants, as the code's defaults (lambda_v is 4, not METHOD's 1.0: chosen by measurement,
+    benchmarks/RESULTS.md)."""
+    import inspect
+
+    from dumo_engine import sampling
+    from dumo_engine.config import ObjectiveConfig, SampleConfig
+
+    assert MeanFlow(NUM_CLASSES).equal_fraction == 0.75 and DuMo(NUM_CLASSES).equal_fraction == 0.0
+    for obj in (DuMo(NUM_CLASSES), MeanFlow(NUM_CLASSES), FlowMatching(NUM_CLASSES)):
+        assert (obj.P_mean, obj.P_std, obj.adaptive_p, obj.adaptive_eps) == (-0.4, 1.0, 1.0, 0.01)
+        assert obj.guidance == GuidanceConfig(w=1.0, k=0.0, t_lo=0.0, t_hi=1.0, label_dropout=0.1)
+    o = ObjectiveConfig()
+    assert (o.P_mean, o.P_std, o.adaptive_p, o.adaptive_eps, o.label_dropout) == (-0.4, 1.0, 1.0, 0.01, 0.1)
+    assert (o.cfg_w, o.cfg_k, o.cfg_t_lo, o.cfg_t_hi, o.lambda_v) == (1.0, 0.0, 0.0, 1.0, 4.0)
+    assert SampleConfig().t_mid == 0.5
+    assert inspect.signature(sampling.sample_u_2step).parameters["t_mid"].default == 0.5
+    assert inspect.signature(sampling.sample).parameters["t_mid"].default == 0.5

@@ -230,3 +230,12 @@ def test_bad_arguments_raise_value_error(call):
     with pytest.raises(ValueError):
         call(f, noise())
     assert f.calls == []
+
+
+def test_sampler_head_is_checked():
+    """A head other than "v" or "u" is a named error (it failed later with AttributeError on None)."""
+    from dumo_engine.sampling import sample
+
+    model = build_model("DiT-tiny", input_size=8, in_channels=1, num_classes=10)
+    with pytest.raises(ValueError, match="head must be 'v' or 'u', got 'V'"):
+        sample(model, torch.tensor([1, 2]), (1, 8, 8), "euler", 0, velocity_head="V")

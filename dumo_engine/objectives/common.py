@@ -20,6 +20,15 @@ class GuidanceConfig:
     t_hi: float = 1.0
     label_dropout: float = 0.1
 
+    def __post_init__(self):
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise ValueError(f"guidance label_dropout must be in [0, 1], got {self.label_dropout}")
+        if not 0.0 <= self.t_lo <= self.t_hi <= 1.0:
+            raise ValueError(f"guidance interval must satisfy 0 <= t_lo <= t_hi <= 1, got [{self.t_lo}, {self.t_hi}]")
+        if self.enabled and self.label_dropout == 0.0:
+            raise ValueError("guidance (w, k) needs label_dropout > 0: otherwise the NULL class that the "
+                             "unconditional branch uses is never trained")
+
     @property
     def enabled(self) -> bool:
         return not (self.w == 1.0 and self.k == 0.0)
@@ -98,13 +107,27 @@ def model_velocity(model, z, t, y, null_class: int, head: str, with_uncond: bool
     else:
         zz, tt, yy = z, t, y
     v, u = model(zz, tt, torch.zeros_like(tt), yy, heads=head)
-    out = (v if head == "v" else u).float()
+    out = at_least_fp32(v if head == "v" else u)
     return (out[:n], out[n:]) if with_uncond else (out, None)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """x in float32, or float64 if it is float64 (a float64 run, finite-difference checks, keeps its precision)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
 def per_sample_sq(err: torch.Tensor) -> torch.Tensor:
     """||err||^2 summed over all but the batch dimension, (N,)."""
-    return err.float().pow(2).flatten(1).sum(1)
+    return at_least_fp32(err).pow(2).flatten(1).sum(1)
+
+
+def check_weighting(p: float, eps: float) -> None:
+    """The adaptive weight L / sg((L + eps)^p) needs p >= 0, and eps > 0 when p > 0 (a zero loss would give 0/0)."""
+    if p < 0:
+        raise ValueError(f"objective.adaptive_p must be >= 0, got {p}")
+    if eps < 0 or (p > 0 and eps == 0):
+        raise ValueError(f"objective.adaptive_eps must be > 0 with adaptive_p = {p} > 0 (a sample with zero loss "
+                         f"would weigh 0/0), got {eps}")
 
 
 def adaptive_weight(loss: torch.Tensor, p: float, eps: float) -> torch.Tensor:

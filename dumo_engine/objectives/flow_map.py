@@ -13,8 +13,8 @@ from ..objective_rules import flow_map_option_problem
 # fused: the model's own forward + JVP pass (model(..., tangent=a)); func / forward_ad: the torch reference;
 # auto: fused on CUDA, func elsewhere.
 OBJECTIVE_JVP = ("auto", "fused") + JVP_BACKENDS
-from .common import (Draws, GuidanceConfig, adaptive_weight, bcast, drop_labels, guided_target, model_velocity,
-                     per_sample_sq, sample_t_r)
+from .common import (Draws, GuidanceConfig, adaptive_weight, at_least_fp32, bcast, check_weighting, drop_labels,
+                     guided_target, model_velocity, per_sample_sq, sample_t_r)
 
 CHOICES = ("data", "model")
 
@@ -37,6 +37,7 @@ class _FlowMapObjective:
             raise ValueError(f"objective.jvp_backend must be one of {OBJECTIVE_JVP}, got {jvp_backend!r}")
         if not 0.0 <= equal_fraction <= 1.0:
             raise ValueError(f"objective.equal_fraction must be in [0, 1], got {equal_fraction}")
+        check_weighting(adaptive_p, adaptive_eps)
         self.null_class = num_classes
         self.P_mean, self.P_std, self.equal_fraction = P_mean, P_std, equal_fraction
         self.guidance = guidance or GuidanceConfig()
@@ -85,7 +86,7 @@ class _FlowMapObjective:
             backend = "fused" if z.is_cuda else "func"
         if backend == "fused":  # one ordinary forward: works through DDP / DeepSpeed wrappers
             v_hat, u_hat, dudt = model(z, t, t - r, y, heads=heads, tangent=a)
-            dudt = dudt.float()
+            dudt = at_least_fp32(dudt)
         else:
             def fn(z_, t_, h_):
                 return model(z_, t_, h_, y, heads=heads)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from .common import (Draws, GuidanceConfig, adaptive_weight, drop_labels, guided_target, logit_normal,
-                     model_velocity, per_sample_sq, bcast)
+from .common import (Draws, GuidanceConfig, adaptive_weight, bcast, check_weighting, drop_labels, guided_target,
+                     logit_normal, model_velocity, per_sample_sq)
 
 
 class FlowMatching:
@@ -14,6 +14,7 @@ class FlowMatching:
 
     def __init__(self, num_classes: int, P_mean: float = -0.4, P_std: float = 1.0,
                  guidance: GuidanceConfig | None = None, adaptive_p: float = 1.0, adaptive_eps: float = 0.01):
+        check_weighting(adaptive_p, adaptive_eps)
         self.null_class = num_classes
         self.P_mean, self.P_std = P_mean, P_std
         self.guidance = guidance or GuidanceConfig()
