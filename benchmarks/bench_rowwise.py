@@ -275,6 +275,8 @@ def main() -> None:
                             continue
                         t = timed(fn)  # its warm-up also measures the tuned variant's candidates
                         row(label, t, t_ref.median_ms, note=tuned_note(op, N, T, D, tx, tm) if impl == "cuda" else None)
+                    except Exception as e:  # noqa: BLE001 - one failing kernel must not cost every later row
+                        print(f"[bench_rowwise] {label} {op} {shape} {dlabel}: {type(e).__name__}: {e}; skipped")
                     finally:
                         if prev is not None:
                             rw.extension().cuda_fast_path(prev)

@@ -96,6 +96,32 @@ def test_bench_zero_cpu_smoke(tmp_path):
     assert rows[1]["ref_ms"] == rows[0]["timing"]["median_ms"]
 
 
+def test_bench_rowwise_goes_on_after_a_failing_kernel(monkeypatch, tmp_path, capsys):
+    """One implementation raising (a kernel error on the GPU) costs its own row only: the later ops' rows are still
+    measured and written, and the failure is printed with its op."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench_rowwise as b
+
+    real = b.our_fn
+
+    def our_fn(op, d, impl):
+        if op == "ln_mod_fwd" and impl == "cpp":
+            raise RuntimeError("planted kernel failure")
+        return real(op, d, impl)
+
+    out = tmp_path / "rows.jsonl"
+    monkeypatch.setattr(b, "our_fn", our_fn)
+    monkeypatch.setattr(sys, "argv", ["bench_rowwise.py", "--cpu", "--quick", "--default-malloc", "--out", str(out)])
+    b.main()
+    rows = [json.loads(ln) for ln in out.read_text().splitlines()]
+    done = {(r["op"], r["impl"]) for r in rows}
+    assert ("ln_mod_fwd", "pytorch") in done and ("ln_mod_fwd", "cpp") not in done
+    assert {("gated_bwd", "cpp"), ("ln_dual_bwd", "cpp")} <= done
+    assert "cpp ln_mod_fwd" in capsys.readouterr().out
+
+
 def test_bench_rowwise_compile_baseline_writes_our_output_dtypes(monkeypatch):
     """The torch.compile baseline has our kernels' output contract: for the LayerNorm-family ops its outputs are in
     the modulation dtype (bf16 here, as ours: checked against the C++ twins) where the eager reference writes float32,
