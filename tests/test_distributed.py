@@ -243,35 +243,76 @@ from dumo_engine.distributed import engine as E
 from dumo_engine.train import build_model_from_config
 
 deepspeed = E.init_process_group(torch.device("cpu"))
-cfg = load_config(sys.argv[2], ["--model.name=DiT-tiny", "--train.batch_size=2"])
-for stage in (0, 2):
+real_resolve = E.resolve_ds_config
+
+
+def resolve_bf16(*a, **kw):  # CPU runs train in fp32: force DeepSpeed's bf16 on to test the backend's bf16 paths
+    ds = real_resolve(*a, **kw)
+    ds["bf16"]["enabled"] = True
+    return ds
+
+
+E.resolve_ds_config = resolve_bf16
+for stage in (0, 2, 3):
+    cfg = load_config(sys.argv[2], ["--model.name=DiT-tiny", "--train.batch_size=2", "--optim.lr=0.1",
+                                    "--optim.weight_decay=0.1", f"--train.deepspeed={sys.argv[3]}/zero{stage}.json"])
     torch.manual_seed(0)
     model = build_model_from_config(cfg)
-    ds = {"train_batch_size": 2, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
-          "gradient_clipping": 1.0, "bf16": {"enabled": True}, "zero_optimization": {"stage": stage},
-          "steps_per_print": 10**9}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    be = E.DeepSpeedBackend.__new__(E.DeepSpeedBackend)  # the backend's weight paths on a bf16 engine (CPU runs
-    be.cfg, be.stage, be.rank, be.is_main = cfg, stage, 0, True  # train in fp32, so __init__ never enables bf16)
-    be.engine, be.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
-    be.ema = E.ShardedEMA(be.engine.module, stage, be.optimizer)
+    for p in model.parameters():  # random everywhere (the zero-initialised layers round exactly)
+        p.data.normal_(0, 0.3)
+    init = {n: p.detach().clone() for n, p in model.named_parameters()}
+    be = E.DeepSpeedBackend(cfg, model, torch.device("cpu"))
     params = [p for p in be.engine.module.parameters()]
     assert all(p.dtype == torch.bfloat16 for p in params)
-    for _ in range(3):  # a loss on the parameters alone (no forward needed at stages 0-2)
-        loss = sum((p.float() - 0.3).pow(2).sum() for p in params)
+
+    def master(n, p):
+        if stage == 0:
+            return E.stage0_master(p, be.ema.masters)
+        return deepspeed.utils.safe_get_full_fp32_param(p)
+
+    # the masters (and the EMA built from them) start from the exact fp32 weights, not their bf16 roundings
+    exact = sum(int(torch.equal(master(n, p).detach().cpu(), init[n])) for n, p in be.engine.module.named_parameters())
+    assert exact == len(params), (stage, exact, len(params), "masters start from rounded weights")
+    _, ema0 = be.full_state_dicts()
+    assert all(torch.equal(ema0[n], init[n]) for n in init), (stage, "EMA starts from rounded weights")
+    if stage == 0:  # DeepSpeed's setup step (zero gradients) is forgotten: AdamW starts at step 0
+        assert len(be.optimizer.optimizer.state) == 0, "the setup step's Adam state survived"
+    # the first update is AdamW's first step: lr * sign-like m/sqrt(v) = lr * g/|g| (+ decay), as one process has it
+    if stage < 3:  # a loss on the parameters alone (no forward needed at stages 0-2)
+        g = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, (n, p) in
+             enumerate(be.engine.module.named_parameters())}
+        loss = sum((p.float() * g[n]).sum() for n, p in be.engine.module.named_parameters())
         be.engine.backward(loss)
         be.engine.step()
-        be.ema.update(0.0)  # decay 0: the EMA is its source
+        ref = build_model_from_config(cfg)
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                p.copy_(init[n])
+        opt = torch.optim.AdamW(ref.parameters(), lr=0.1, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=0.1)
+        for n, p in ref.named_parameters():
+            p.grad = g[n].bfloat16().float()  # the bf16 gradients DeepSpeed steps on
+        torch.nn.utils.clip_grad_norm_(ref.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        for n, p in be.engine.module.named_parameters():
+            torch.testing.assert_close(master(n, p).detach().cpu(), dict(ref.named_parameters())[n].detach(),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m: f"stage {stage} {n}: {m}")
+        for _ in range(2):
+            loss = sum((p.float() - 0.3).pow(2).sum() for p in params)
+            be.engine.backward(loss)
+            be.engine.step()
+            be.ema.update(0.0)  # decay 0: the EMA is its source
     model_sd, ema_sd = be.full_state_dicts()
     rounded = 0
     for n, p in be.engine.module.named_parameters():
-        master = E.stage0_master(p, be.ema.masters) if stage == 0 else deepspeed.utils.safe_get_full_fp32_param(p)
-        assert master.dtype == torch.float32, (stage, n)
-        assert torch.equal(model_sd[n], master.detach().cpu()), (stage, n, "export is not the fp32 master")
-        assert torch.equal(ema_sd[n], master.detach().cpu()), (stage, n, "EMA is not of the fp32 master")
-        rounded += int(not torch.equal(master.detach().cpu(), p.detach().float().cpu()))
+        m = master(n, p)
+        assert m.dtype == torch.float32, (stage, n)
+        assert torch.equal(model_sd[n], m.detach().cpu()), (stage, n, "export is not the fp32 master")
+        if stage < 3:
+            assert torch.equal(ema_sd[n], m.detach().cpu()), (stage, n, "EMA is not of the fp32 master")
+        rounded += int(not torch.equal(m.detach().cpu(), p.detach().float().cpu()))
     assert rounded > 0, (stage, "masters equal their bf16 roundings: the check could not tell them apart")
     print("stage", stage, type(be.optimizer).__name__, "ok", rounded)
+    be.engine.destroy()
 """
 
 
@@ -282,10 +323,11 @@ def test_bf16_export_and_ema_are_of_the_fp32_masters(tmp_path):
     script = tmp_path / "bf16_masters.py"
     script.write_text(_BF16_MASTERS)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    res = subprocess.run([sys.executable, str(script), str(_port()), RUN[1]], capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(script), str(_port()), RUN[1], DS_DIR], capture_output=True, text=True,
                          timeout=300, env=env, cwd=ROOT)
     assert res.returncode == 0, (res.stdout[-3000:], res.stderr[-3000:])
     assert "stage 0 FP16_UnfusedOptimizer ok" in res.stdout and "stage 2 " in res.stdout, res.stdout[-2000:]
+    assert "stage 3 " in res.stdout, res.stdout[-2000:]
 
 
 def test_stage0_master_refuses_rounded_weights():
@@ -341,10 +383,28 @@ def test_shipped_configs_resolve():
     ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, [], 2,
      r"zero_optimization.offload_optimizer: not supported here"),
     ({"checkpoint": {"use_node_local_storage": True}}, [], 2, r"checkpoint: not supported here"),
+    # DeepSpeed's old offload names, and sections that change precision or batches behind the run's back
+    ({"zero_optimization": {"stage": 2, "cpu_offload": True}}, [], 2, r"zero_optimization.cpu_offload: not supported"),
+    ({"zero_optimization": {"stage": 3, "cpu_offload_param": True}}, [], 2, r"zero_optimization.cpu_offload_param"),
+    ({"managed_gradient_accumulation": False}, ["--train.micro_batch=2"], 2,
+     r"managed_gradient_accumulation: only true is supported"),
+    ({"torch_autocast": {"enabled": True, "dtype": "bfloat16"}}, [], 2, r"torch_autocast: not supported here"),
+    ({"amp": {"enabled": True}}, [], 2, r"amp: not supported here"),
+    ({"elasticity": {"enabled": True}}, [], 2, r"elasticity: not supported here"),
+    ({"data_types": {"grad_accum_dtype": "fp32"}}, [], 2, r"data_types.grad_accum_dtype: not supported here"),
+    ({"fp16": True}, [], 2, r"fp16 must be an object"),
+    # the message says where the contradicted number comes from when train.micro_batch is 0
+    ({"train_micro_batch_size_per_gpu": 2}, [], 2, r"train.batch_size / world size \(train.micro_batch 0\) gives 4"),
 ])
 def test_bad_deepspeed_config_names_the_key(ds, over, world, match):
     with pytest.raises(DeepSpeedConfigError, match=match):
         resolve_ds_config(ds, _cfg(*over), world, "cpu")
+
+
+def test_fp16_section_switched_off_is_accepted():
+    """An fp16 section that is off (explicitly, or empty: DeepSpeed's default) is dropped, not refused."""
+    for fp16 in ({}, {"enabled": False}, {"enabled": "auto"}):
+        assert "fp16" not in resolve_ds_config({"fp16": fp16}, _cfg(), 2, "cpu")
 
 
 def test_numbers_take_the_runs_type():
@@ -389,6 +449,10 @@ def test_model_state_accounting():
     assert s2 == {"weights": 2000, "grads": 500, "optimizer": 3000, "ema": 1000}
     assert s3 == {"weights": 500, "grads": 500, "optimizer": 3000, "ema": 1000}
     assert model_state_bytes(P, 0, 1, "fp32") == {"weights": 4000, "grads": 4000, "optimizer": 8000, "ema": 4000}
+    # fp32 at ZeRO-1/2: DeepSpeed's optimizer keeps its own fp32 copy of the partition (12 B); ZeRO-3 reuses it (8 B)
+    assert model_state_bytes(P, 1, G, "fp32") == {"weights": 4000, "grads": 4000, "optimizer": 3000, "ema": 1000}
+    assert model_state_bytes(P, 2, G, "fp32") == {"weights": 4000, "grads": 1000, "optimizer": 3000, "ema": 1000}
+    assert model_state_bytes(P, 3, G, "fp32") == {"weights": 1000, "grads": 1000, "optimizer": 2000, "ema": 1000}
     with pytest.raises(ValueError, match="--zero: 4 is not one of"):
         model_state_bytes(P, 4, G)
 
@@ -413,3 +477,28 @@ def test_plan_memory_cli():
     with contextlib.redirect_stderr(io.StringIO()) as err:
         assert main(["plan-memory", "--zero", "5"]) == 2
     assert "--zero: 5 is not one of 0, 1, 2, 3" in err.getvalue()
+
+
+@needs_ds
+def test_one_process_world_takes_a_free_port():
+    """A DeepSpeed run without a launcher is a world of one on 127.0.0.1: it picks a free port, so two such runs on
+    one host (or a port another program holds, 29500 here when it is free to hold) do not collide."""
+    held = socket.socket()
+    try:
+        held.bind(("127.0.0.1", 29500))
+        held.listen()
+    except OSError:
+        pass  # someone else holds it already: the check is the same
+    code = ("import os, torch\n"
+            "from dumo_engine.distributed import engine as E\n"
+            "E.init_process_group(torch.device('cpu'))\n"
+            "print('port', os.environ['MASTER_PORT'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    try:
+        res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                             env=dict(env, OMP_NUM_THREADS="1"), cwd=ROOT)
+    finally:
+        held.close()
+    assert res.returncode == 0, res.stderr[-2000:]
+    port = int(res.stdout.split("port", 1)[1].split()[0])
+    assert port != 29500

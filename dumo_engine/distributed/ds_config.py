@@ -26,6 +26,14 @@ class DeepSpeedConfigError(ConfigError):
     """A DeepSpeed config that cannot run; the message names the key."""
 
 
+# top-level sections that change the precision or the batch behind the engine's back
+_PRECISION_KEYS = (
+    ("torch_autocast", "it runs the forward in another precision than train.precision says"),
+    ("amp", "NVIDIA apex AMP; the engine trains in bf16 or fp32 (train.precision)"),
+    ("elasticity", "it rewrites the batch sizes, which must follow train.batch_size and train.micro_batch"),
+)
+
+
 def load_ds_config(path: str) -> dict:
     if not os.path.isfile(path):
         raise DeepSpeedConfigError(f"train.deepspeed: DeepSpeed config not found: {path}")
@@ -65,12 +73,26 @@ def resolve_ds_config(ds: dict, cfg: RunConfig, world_size: int, device_type: st
         if key in ds:
             raise DeepSpeedConfigError(f"{key}: not supported here: the engine hands DeepSpeed its own AdamW "
                                        f"(optim.lr, betas, weight_decay); remove the {key!r} section")
-    if isinstance(ds.get("fp16"), dict) and ds["fp16"].get("enabled") not in (False, "auto"):
-        raise DeepSpeedConfigError("fp16.enabled: fp16 training is not supported; use bf16 (train.precision=bf16)")
+    if "fp16" in ds:
+        fp16 = ds["fp16"]
+        if not isinstance(fp16, dict):
+            raise DeepSpeedConfigError(f"fp16 must be an object like {{\"enabled\": false}}, got {fp16!r}")
+        if fp16.get("enabled", False) not in (False, "auto"):  # DeepSpeed's default for a present section: off
+            raise DeepSpeedConfigError("fp16.enabled: fp16 training is not supported; use bf16 (train.precision=bf16)")
     ds.pop("fp16", None)
+    for key, why in _PRECISION_KEYS:
+        if key in ds:
+            raise DeepSpeedConfigError(f"{key}: not supported here ({why}); remove it")
+    if "grad_accum_dtype" in (ds.get("data_types") or {}):
+        raise DeepSpeedConfigError("data_types.grad_accum_dtype: not supported here (it swaps in another bf16 "
+                                   "optimizer, or fails at ZeRO-0; gradients accumulate in the weights' dtype); "
+                                   "remove it")
     zero = ds.get("zero_optimization", {})
     for key, why in (("offload_optimizer", "the engine's client AdamW runs on the GPU"),
                      ("offload_param", "the sharded EMA reads resident partitions"),
+                     ("cpu_offload", "DeepSpeed's old name for offload_optimizer"),
+                     ("cpu_offload_param", "DeepSpeed's old name for offload_param"),
+                     ("cpu_offload_use_pin_memory", "an offload setting; nothing is offloaded here"),
                      ("mics_shard_size", "the sharded EMA gathers over the whole world, not MiCS shard groups")):
         if key in zero:
             raise DeepSpeedConfigError(f"zero_optimization.{key}: not supported here ({why}); remove it")
@@ -89,7 +111,12 @@ def resolve_ds_config(ds: dict, cfg: RunConfig, world_size: int, device_type: st
             f"train.micro_batch={micro} x {world_size} ranks does not divide train.batch_size={global_b}: "
             f"the global batch must be micro_batch x gradient_accumulation_steps x world_size")
     accum = global_b // (micro * world_size)
-    _fill(ds, "train_micro_batch_size_per_gpu", micro, "train.micro_batch")
+    if ds.get("managed_gradient_accumulation", True) is not True:
+        raise DeepSpeedConfigError("managed_gradient_accumulation: only true is supported (false makes DeepSpeed step "
+                                   "the optimizer on every micro-batch instead of at the accumulation boundary); "
+                                   "remove it")
+    _fill(ds, "train_micro_batch_size_per_gpu", micro,
+          "train.micro_batch" if tc.micro_batch else "train.batch_size / world size (train.micro_batch 0)")
     _fill(ds, "gradient_accumulation_steps", accum, "train.batch_size / (micro_batch x world_size)")
     _fill(ds, "train_batch_size", global_b, "train.batch_size")
     _fill(ds, "gradient_clipping", float(cfg.optim.grad_clip), "optim.grad_clip")

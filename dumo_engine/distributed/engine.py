@@ -34,7 +34,7 @@ def _import_deepspeed():
         import deepspeed
     except Exception as e:  # ImportError, or a broken install
         raise ConfigError(f"train.deepspeed is set but deepspeed is not importable ({type(e).__name__}: {e}); "
-                          "install it with: DS_BUILD_OPS=0 pip install 'dumo-engine[deepspeed]'") from None
+                          "install it from the checkout with: DS_BUILD_OPS=0 pip install -e '.[deepspeed]'") from None
     with contextlib.suppress(Exception):  # its shared-memory comm op JIT-builds for ~30 s and is not needed
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
@@ -48,9 +48,64 @@ def init_process_group(device: torch.device):
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", "29500")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))  # two such runs on one host must not collide
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
     return deepspeed
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fp32_source(p: torch.Tensor, stage: int, masters: dict[int, torch.Tensor]):
+    """The fp32 master tensor this rank holds for parameter p (a live view of the optimizer's copy), None where this
+    rank holds none:
+      ZeRO-0       the whole parameter: its fp32 master (stage0_masters; bf16 runs) or the module's fp32 weight
+      ZeRO-1/2     this rank's fragment of the flat fp32 partition (param._hp_mapping)
+      ZeRO-3       this rank's fp32 partition of the parameter (safe_get_local_fp32_param; layout of ds_tensor)"""
+    if stage == 3:
+        from deepspeed.utils import safe_get_local_fp32_param
+
+        return safe_get_local_fp32_param(p)
+    if stage in (1, 2):
+        mapping = getattr(p, "_hp_mapping", None)
+        return None if mapping is None else mapping.get_hp_fragment()
+    return stage0_master(p, masters)
+
+
+@torch.no_grad()
+def write_fp32_masters(module: torch.nn.Module, stage: int, optimizer, full: dict[str, torch.Tensor]) -> None:
+    """Set every fp32 master (this rank's part of it) from the full fp32 weights `full` {name: tensor}, and, at
+    ZeRO-0, forget the optimizer state of DeepSpeed's setup step.
+
+    Under bf16 DeepSpeed makes its fp32 masters from the module's weights after rounding them to bf16, so the masters
+    (and the EMA and exports built from them) would start from rounded initial or pretrained weights where the one-
+    process run keeps them exact. At ZeRO-0 its unfused bf16 optimizer also runs one AdamW step on zero gradients
+    while it sets up: that decays the masters by lr x weight_decay and sets Adam's step count to 1, so every later
+    bias correction is one step off (the first update 0.73x the one-process run's at betas 0.9/0.95). After this,
+    the first optimizer step is the one-process run's first step."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    masters = stage0_masters(optimizer) if stage == 0 else {}
+    for name, p in module.named_parameters():
+        src = fp32_source(p, stage, masters)
+        if src is None:
+            continue
+        flat = full[name].reshape(-1)
+        if stage == 3:  # rank r holds elements [r n, (r + 1) n) of the flattened parameter, the last one padded
+            n = src.numel()
+            lo, hi = min(rank * n, flat.numel()), min((rank + 1) * n, flat.numel())
+            src.view(-1)[: hi - lo].copy_(flat[lo:hi])
+        elif stage in (1, 2):
+            addr = p._hp_mapping.lp_fragment_address
+            src.view(-1).copy_(flat.narrow(0, addr.start, addr.numel))
+        else:
+            src.copy_(flat.view_as(src))
+    if stage == 0 and masters:  # the unfused bf16 wrapper's inner AdamW, which its setup stepped once
+        optimizer.optimizer.state.clear()
 
 
 def stage0_masters(optimizer) -> dict[int, torch.Tensor]:
@@ -83,10 +138,8 @@ def stage0_master(p: torch.Tensor, masters: dict[int, torch.Tensor]) -> torch.Te
 
 
 class ShardedEMA:
-    """fp32 EMA of DeepSpeed's fp32 master weights, kept for the part of each parameter this rank owns:
-      ZeRO-0       the whole parameter: its fp32 master (stage0_masters; bf16 runs) or the module's fp32 weight
-      ZeRO-1/2     this rank's fragment of the flat fp32 partition (param._hp_mapping; ranks owning none keep none)
-      ZeRO-3       this rank's fp32 partition of the parameter (safe_get_local_fp32_param; layout of ds_tensor)
+    """fp32 EMA of DeepSpeed's fp32 master weights, kept for the part of each parameter this rank owns (fp32_source:
+    ZeRO-0 the whole parameter, ZeRO-1/2 this rank's fragment, ranks owning none keep none, ZeRO-3 its partition).
     update() is torch._foreach_lerp_, the one-process rule, with no communication; full_state() gathers."""
 
     def __init__(self, module: torch.nn.Module, stage: int, optimizer=None):
@@ -98,14 +151,7 @@ class ShardedEMA:
 
     def _source(self, p: torch.Tensor):
         """The fp32 tensor this rank averages for parameter p (a live view of the optimizer's master copy)."""
-        if self.stage == 3:
-            from deepspeed.utils import safe_get_local_fp32_param
-
-            return safe_get_local_fp32_param(p)
-        if self.stage in (1, 2):
-            mapping = getattr(p, "_hp_mapping", None)
-            return None if mapping is None else mapping.get_hp_fragment()
-        return stage0_master(p, self.masters)
+        return fp32_source(p, self.stage, self.masters)
 
     @torch.no_grad()
     def update(self, decay: float) -> None:
@@ -159,9 +205,15 @@ class DeepSpeedBackend:
         oc = cfg.optim
         opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=(oc.beta1, oc.beta2),
                                 weight_decay=oc.weight_decay, fused=device.type == "cuda")
+        # under bf16 the masters are set from these exact fp32 weights after DeepSpeed's setup (write_fp32_masters)
+        full = ({n: p.detach().to("cpu", torch.float32, copy=True) for n, p in model.named_parameters()}
+                if ds["bf16"]["enabled"] else None)
         # DeepSpeed's setup must not move the RNG: the step draws have to match a one-process run
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             self.engine, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+        if full is not None:
+            write_fp32_masters(self.engine.module, self.stage, self.optimizer, full)
+            del full
         self.module = self.engine  # what the objective calls: the engine's forward
         self.ema = ShardedEMA(self.engine.module, self.stage, self.optimizer)
         self.device = device

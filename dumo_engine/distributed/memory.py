@@ -2,7 +2,9 @@
 
 Model state per parameter (P parameters, G data-parallel GPUs), the ZeRO paper's accounting:
   bf16 (DeepSpeed bf16): weights 2 B, gradients 2 B, optimizer 12 B (fp32 master 4 + Adam m 4 + v 4)
-  fp32:                  weights 4 B, gradients 4 B, optimizer 8 B (Adam m, v; the weights are the master)
+  fp32:                  weights 4 B, gradients 4 B, optimizer 8 B (Adam m, v; the weights are the master) at
+                         ZeRO-0 and ZeRO-3, 12 B at ZeRO-1/2 (DeepSpeed's stage-1/2 optimizer clones the fp32
+                         weights into its own flat partition even when they are already fp32)
   ZeRO-0 keeps all of it on every GPU; ZeRO-1 partitions the optimizer state over G; ZeRO-2 also the gradients;
   ZeRO-3 also the weights. The engine's EMA is fp32 (4 B): full on every GPU under ZeRO-0, partitioned like the
   optimizer state under ZeRO 1-3 (distributed.engine.ShardedEMA).
@@ -44,7 +46,9 @@ def model_state_bytes(n_params: int, stage: int, gpus: int, precision: str = "bf
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
     if precision not in BYTES:
         raise ValueError(f"--precision must be one of {', '.join(BYTES)}, got {precision!r}")
-    b = BYTES[precision]
+    b = dict(BYTES[precision])
+    if precision == "fp32" and stage in (1, 2):
+        b["optimizer"] = 12  # + the separate fp32 master partition (deepspeed/runtime/zero/stage_1_and_2.py)
     shard = {"optimizer": stage >= 1, "grads": stage >= 2, "weights": stage >= 3}
     out = {k: n_params * b[k] / (gpus if shard[k] else 1) for k in ("weights", "grads", "optimizer")}
     out["ema"] = n_params * 4 / (gpus if stage >= 1 else 1)  # partitioned like the optimizer state
