@@ -22,3 +22,38 @@ def randomize_(model: torch.nn.Module, seed: int, std: float = 0.2) -> torch.nn.
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+def record_launches(monkeypatch, module):
+    """Patch _triton_jit.on_device and module._jitted so that every kernel launch of `module` asserts it runs inside
+    on_device; returns (devices entered, kernel names launched)."""
+    from dumo_engine.ops import _triton_jit
+
+    seen, inside, launched = [], [], []
+    real_jitted = module._jitted
+
+    class Recorder:
+        def __init__(self, t):
+            self.t = t
+
+        def __enter__(self):
+            seen.append(self.t.device)
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    def jitted(fn):
+        kernel = real_jitted(fn)
+
+        class Checked:
+            def __getitem__(self, grid):
+                assert inside, f"{fn.__name__} launched outside on_device"
+                launched.append(fn.__name__)
+                return kernel[grid]
+
+        return Checked()
+
+    monkeypatch.setattr(_triton_jit, "on_device", Recorder)
+    monkeypatch.setattr(module, "_jitted", jitted)
+    return seen, launched

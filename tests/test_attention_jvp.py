@@ -266,37 +266,14 @@ def test_launches_run_on_the_inputs_device(monkeypatch):
     """Triton launches on the current CUDA device: every launch (forward, both backward kernels) happens inside
     _triton_jit.on_device(q); on_device of a cuda:1 tensor is torch.cuda.device(1)."""
     from dumo_engine.ops import _triton_jit
+    from helpers import record_launches
 
-    seen, inside = [], []
-    real_jitted = mod._jitted
-
-    class Recorder:
-        def __init__(self, t):
-            self.t = t
-
-        def __enter__(self):
-            seen.append(self.t.device)
-            inside.append(True)
-
-        def __exit__(self, *exc):
-            inside.pop()
-
-    def jitted(fn):
-        kernel = real_jitted(fn)
-
-        class Checked:
-            def __getitem__(self, grid):
-                assert inside, f"{fn.__name__} launched outside on_device"
-                return kernel[grid]
-
-        return Checked()
-
-    monkeypatch.setattr(_triton_jit, "on_device", Recorder)
-    monkeypatch.setattr(mod, "_jitted", jitted)
+    seen, launched = record_launches(monkeypatch, mod)
     xs = make_inputs((1, 2, 9, 16), seed=2)
     o, _, lse = mod.attention_jvp_fwd_triton(*xs)
     mod.attention_bwd_triton(torch.ones_like(o), *xs[:3], o, lse)
     assert seen == [xs[0].device] * 2
+    assert launched == ["_attn_jvp_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"]
 
     class FakeCuda:
         is_cuda, device = True, torch.device("cuda", 1)

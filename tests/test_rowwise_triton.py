@@ -358,35 +358,9 @@ def test_grid_y_limit_raises_a_named_error(monkeypatch):
 def test_every_launch_runs_on_the_inputs_device(monkeypatch):
     """Triton launches on the current CUDA device and its stream: each op's kernels (the column sums too) launch
     inside _triton_jit.on_device of their operands, so a cuda:1 tensor's kernels run on cuda:1."""
-    from dumo_engine.ops import _triton_jit
+    from helpers import record_launches
 
-    seen, inside, launched = [], [], []
-    real_jitted = tri._jitted
-
-    class Recorder:
-        def __init__(self, t):
-            self.t = t
-
-        def __enter__(self):
-            seen.append(self.t.device)
-            inside.append(True)
-
-        def __exit__(self, *exc):
-            inside.pop()
-
-    def jitted(fn):
-        kernel = real_jitted(fn)
-
-        class Checked:
-            def __getitem__(self, grid):
-                assert inside, f"{fn.__name__} launched outside on_device"
-                launched.append(fn.__name__)
-                return kernel[grid]
-
-        return Checked()
-
-    monkeypatch.setattr(_triton_jit, "on_device", Recorder)
-    monkeypatch.setattr(tri, "_jitted", jitted)
+    seen, launched = record_launches(monkeypatch, tri)
     gen = Gen("fp32", 21)
     x = gen.rows()
     shift, scale, g, g_dot = gen.vecs(4)
