@@ -1,7 +1,7 @@
 """Whole training step: flow matching vs DuMo (reference torch.func JVP) vs DuMo (fused forward + JVP).
 
 Per case: ms/step (median, p20-p80), img/s, peak memory (CUDA), and MFU against the card's measured bf16
-GEMM peak (measured in the same run), with FLOPs from the DESIGN.md cost model: forward FLOPs/img counted
+GEMM peak (measured in the same run), with FLOPs from the engine's cost model: forward FLOPs/img counted
 by torch's FlopCounterMode on a plain forward, times 3.0 (flow matching), 4.04 (DuMo fused: primal+tangent
 forward 2.04 + primal backward 2.0), plus 2.0 with folded CFG (two no-grad v-head passes).
 On CUDA the fused rows' speedup is against the reference under the same bf16 autocast (dumo_reference_autocast);

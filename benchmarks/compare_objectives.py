@@ -3,7 +3,7 @@
 Every variant trains from configs/digits.yaml with the same steps x batch, then its EMA model is
 sampled class-conditionally and scored by the digits judge (classifier accuracy and Frechet
 distance in its feature space vs held-out real digits; lower FD is better). Also runs the
-ablations that pick METHOD.md's open choices: DuMo tangent (data | model), lambda_v, and t_mid of
+ablations that pick the method's open choices: DuMo tangent (data | model), lambda_v, and t_mid of
 the 2-step sampler (re-scored on the trained DuMo models, no retraining).
 
     python benchmarks/compare_objectives.py                  # full table (about 40 min on 2 cores)

@@ -33,6 +33,10 @@ stamp() { echo "[gpu_suite] $(( $(date +%s) - start ))s: $*" | tee -a "$LOG"; }
 bound() { local left=$(( DEADLINE - $(date +%s) )); [ "$left" -lt 5 ] && left=5; [ "$1" -lt "$left" ] && echo "$1" || echo "$left"; }
 status() { echo "[gpu_suite] $1 exit $2$([ "$2" = 124 ] && echo ' (timed out)')" | tee -a "$LOG"; }
 
+if ! nvidia-smi -L >/dev/null 2>&1; then  # GPU only: nothing below measures anything without one
+  stamp "stopped: no NVIDIA GPU here (nvidia-smi -L failed); this suite runs on a GPU machine"
+  exit 1
+fi
 { nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
   nvcc --version | tail -n 2; } >> "$LOG" 2>&1

@@ -36,10 +36,12 @@ def _load_run(run_dir: str, overrides=()):
         raise ConfigError(f"{', '.join(f'{k}={now[k]!r}' for k in changed)}: {run_dir} was trained with "
                           f"{', '.join(f'{k}={was.get(k)!r}' for k in changed)}; sampling and evaluation take the "
                           "trained settings (sample.*, eval.* and where it runs, such as train.device, may change)")
-    latest = ckpt_io.latest_checkpoint(run_dir)
-    if latest is None:
+    ck, skipped = ckpt_io.load_newest_valid(run_dir)  # as a resume: a damaged newest one falls back to an older one
+    if ck is None:
         raise ckpt_io.CheckpointError(f"{run_dir} has no checkpoint yet")
-    ck = ckpt_io.load_checkpoint(latest)
+    for msg in skipped:
+        print(f"warning: skipped a damaged checkpoint: {msg}", file=sys.stderr)
+    latest = ck["path"]
     model = build_model_from_config(cfg)
     which = "ema" if cfg.sample.use_ema else "model"
     try:
@@ -59,6 +61,15 @@ _HARD_EXIT = False
 
 def cmd_train(args, overrides) -> int:
     cfg = load_config(args.config, overrides)
+    if args.config is None:
+        print(f"note: no --config: the built-in defaults ({cfg.model.name}, {cfg.train.steps} steps x batch "
+              f"{cfg.train.batch_size}, into {cfg.train.out_dir}); configs/digits.yaml is the preset", file=sys.stderr)
+    if cfg.train.deepspeed:  # its JSON is checked before anything is built (on every rank)
+        from .distributed.ds_config import load_ds_config, resolve_ds_config
+        from .train import resolve_device
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        resolve_ds_config(load_ds_config(cfg.train.deepspeed), cfg, world, resolve_device(cfg.train.device).type)
     if args.dry_run:
         from .train import build_model_from_config
         import torch
@@ -66,7 +77,8 @@ def cmd_train(args, overrides) -> int:
         with torch.device("meta"):
             n = sum(p.numel() for p in build_model_from_config(cfg).parameters())
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-        print(f"# {cfg.model.name}: {n / 1e6:.2f}M parameters; dry run, nothing trained")
+        ds = f"; {cfg.train.deepspeed} checked for {os.environ.get('WORLD_SIZE', '1')} rank(s)" if cfg.train.deepspeed else ""
+        print(f"# {cfg.model.name}: {n / 1e6:.2f}M parameters{ds}; dry run, nothing trained")
         return 0
     from .eval import evaluate_digits
     from .train import train
@@ -160,20 +172,30 @@ def cmd_plan_memory(args, overrides) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="dumo", description="DuMo training and sampling engine")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train", help="train a model (then sample and score it on digits)")
-    t.add_argument("--config", help="YAML preset, e.g. configs/digits.yaml")
-    t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
-    s = sub.add_parser("sample", help="sample from a run's latest checkpoint")
-    s.add_argument("--run", required=True)
-    s.add_argument("--method", default="u2", choices=["u1", "u2", "euler", "heun"])
-    s.add_argument("--labels", help="comma-separated class labels (default: a grid of every class)")
-    s.add_argument("--seed", type=int, default=None)
-    s.add_argument("--out")
-    e = sub.add_parser("eval", help="score a run's latest checkpoint (digits)")
-    e.add_argument("--run", required=True)
-    m = sub.add_parser("plan-memory", help="predicted per-GPU memory for each ZeRO stage, and which fit")
+    overrides_help = ("Any setting can follow as --section.key=value (e.g. --train.steps=200 --optim.lr=5e-4); the "
+                      "sections and keys are those of the YAML presets (configs/digits.yaml).")
+    p = argparse.ArgumentParser(prog="dumo", description="DuMo training and sampling engine. " + overrides_help)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="{train,sample,eval,plan-memory}")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    t = sub.add_parser("train", help="train a model (then sample and score it on digits)", epilog=overrides_help)
+    t.add_argument("--config", help="YAML preset, e.g. configs/digits.yaml (none: the built-in defaults)")
+    t.add_argument("--dry-run", action="store_true",
+                   help="check the config (and the DeepSpeed JSON, for WORLD_SIZE ranks), print it and exit")
+    s = sub.add_parser("sample", help="sample from a run's newest usable checkpoint", formatter_class=fmt,
+                       epilog="sample.* and eval.* settings may follow as overrides (e.g. --sample.v_steps=50); "
+                              "the settings the run was trained with may not change")
+    s.add_argument("--run", required=True, help="the run directory (train.out_dir)")
+    s.add_argument("--method", default="u2", choices=["u1", "u2", "euler", "heun"],
+                   help="u1/u2: the u head in 1 or 2 steps; euler/heun: the v head, sample.v_steps steps")
+    s.add_argument("--labels", help="comma-separated class labels; the samples are saved as an array (--out with "
+                                    ".npy in place of its extension). Default: a grid of every class")
+    s.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's sample.seed)")
+    s.add_argument("--out", help="image file for the grid (.png), default RUN/sample_<method>_step<N>.png")
+    e = sub.add_parser("eval", help="score a run's newest usable checkpoint (digits)",
+                       epilog="sample.* and eval.* settings may follow as overrides")
+    e.add_argument("--run", required=True, help="the run directory (train.out_dir)")
+    m = sub.add_parser("plan-memory", help="predicted per-GPU memory for each ZeRO stage, and which fit",
+                       formatter_class=fmt)
     m.add_argument("--model", default="DiT-XL/2")
     m.add_argument("--zero", type=int, default=None, help="the stage to mark (all four are printed)")
     m.add_argument("--gpus", type=int, default=8)

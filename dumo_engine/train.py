@@ -269,6 +269,8 @@ def train(cfg: RunConfig) -> TrainResult:
         if path is not None:
             _trim_log(log_path, step)
             print(f"resumed from {path} at step {step}")
+            if step >= tc.steps:
+                print(f"note: train.steps={tc.steps} is not past the checkpoint's step {step}: nothing to train")
         elif os.path.exists(log_path):
             os.remove(log_path)
 

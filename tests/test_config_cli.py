@@ -159,3 +159,39 @@ def test_cli_train_sample_eval(tmp_path, capsys):
 def test_cuda_requested_without_cuda_names_the_key(tmp_path, capsys):
     assert main(["train", "--config", DIGITS, "--train.device=cuda", f"--train.out_dir={tmp_path}"]) == 2
     assert "train.device" in capsys.readouterr().err
+
+
+def test_cli_sample_falls_back_past_a_damaged_checkpoint(tmp_path, capsys):
+    """dumo sample / eval take the newest checkpoint that verifies, as a resume does: a damaged newest one (or a
+    missing `latest` pointer) falls back to the older kept one, with a warning naming it."""
+    run = tmp_path / "run"
+    assert main(["train", "--config", DIGITS, "--model.name=DiT-tiny", "--train.steps=2", "--train.ckpt_every=1",
+                 "--train.batch_size=16", f"--train.out_dir={run}", "--train.progress=false",
+                 "--eval.at_end=false"]) == 0
+    (run / "checkpoints" / "step_00000002" / "state.json").write_text("{")
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--method", "u1", "--labels", "1,2"]) == 0
+    err = capsys.readouterr().err
+    assert "skipped a damaged checkpoint" in err and "step_00000002" in err
+    assert (run / "sample_u1_step1.npy").is_file()
+    (run / "checkpoints" / "latest").unlink()
+    assert main(["sample", "--run", str(run), "--method", "u1", "--labels", "3"]) == 0
+
+
+def test_cli_train_notes_and_deepspeed_dry_run(tmp_path, capsys):
+    """Without --config the built-in defaults are named; a dry run checks the DeepSpeed JSON too (a missing file
+    is an error there, not at launch); a resume with nothing left to train says so."""
+    assert main(["train", "--dry-run"]) == 0
+    assert "no --config: the built-in defaults" in capsys.readouterr().err
+    assert main(["train", "--config", DIGITS, "--dry-run", f"--train.deepspeed={tmp_path / 'nope.json'}"]) == 2
+    assert "DeepSpeed config not found" in capsys.readouterr().err
+    ds = os.path.join(os.path.dirname(DIGITS), "deepspeed", "zero2.json")
+    assert main(["train", "--config", DIGITS, "--dry-run", f"--train.deepspeed={ds}"]) == 0
+    assert "zero2.json checked for 1 rank(s)" in capsys.readouterr().out
+    run = tmp_path / "run"
+    args = ["train", "--config", DIGITS, "--model.name=DiT-tiny", "--train.steps=1", "--train.batch_size=16",
+            f"--train.out_dir={run}", "--train.progress=false", "--eval.at_end=false", "--train.resume=true"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "train.steps=1 is not past the checkpoint's step 1: nothing to train" in capsys.readouterr().out

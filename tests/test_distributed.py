@@ -209,6 +209,8 @@ def test_shards_are_loaded_weights_only(tmp_path):
     res = _train(run, 1, 0, steps=4, check=False)
     assert res.returncode == 2, (res.stdout[-2000:], res.stderr[-3000:])
     assert "mp_rank_00_model_states.pt holds objects other than tensors and plain data; refused" in res.stderr
+    assert "GLOBAL io.open" in res.stderr, res.stderr[-2000:]
+    assert "weights_only` set to `False`" not in res.stderr and "allowlist" not in res.stderr
     assert not marker.exists()
 
 

@@ -86,7 +86,16 @@ def load_shard(path: str, map_location=None):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(f"checkpoint shard {path} holds objects other than tensors and plain data; refused "
-                              f"(nothing in it was run): {str(e).splitlines()[0]}") from None
+                              f"(nothing in it was run): {_unpickler_reason(e)}") from None
+
+
+def _unpickler_reason(e: Exception) -> str:
+    """What torch's weights-only unpickler refused, its first sentence (the rest of torch's message suggests
+    weights_only=False or allowlisting the object: not repeated here)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    found = [ln for ln in lines if "GLOBAL" in ln or "nsupported" in ln]
+    first = (found or [ln for ln in lines if "weights_only" not in ln] or ["an object it does not allow"])[0]
+    return first.split(". ")[0].rstrip(".")
 
 
 @contextlib.contextmanager
