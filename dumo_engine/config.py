@@ -128,10 +128,11 @@ CHOICES = {
     "train.precision": ("bf16", "fp32"),
 }
 POSITIVE = {"model.time_scale", "optim.lr", "train.steps", "train.batch_size", "sample.v_steps", "sample.per_class",
-            "sample.grid_cols", "model.input_size", "model.in_channels", "model.num_classes", "objective.P_std"}
+            "sample.grid_cols", "model.input_size", "model.in_channels", "model.num_classes", "objective.P_std",
+            "train.keep_checkpoints"}  # keep_checkpoints 0 would keep one anyway: the one just written
 NON_NEGATIVE = {"optim.weight_decay", "optim.grad_clip", "objective.lambda_v", "objective.adaptive_p",
                 "objective.adaptive_eps", "train.log_every", "train.ckpt_every", "train.threads",
-                "train.keep_checkpoints", "train.peak_tflops", "train.micro_batch"}
+                "train.peak_tflops", "train.micro_batch"}
 UNIT_INTERVAL = {"objective.equal_fraction", "objective.label_dropout", "objective.cfg_t_lo", "objective.cfg_t_hi",
                  "optim.ema_decay"}
 HALF_OPEN_UNIT = {"optim.beta1", "optim.beta2"}  # [0, 1)

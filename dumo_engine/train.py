@@ -135,10 +135,14 @@ def _trim_log(path: str, last_step: int) -> None:
 
 
 def _archive_previous(run_dir: str) -> None:
-    """train.resume=false into a used run directory: move the old checkpoints and log aside, never delete them."""
+    """train.resume=false into a used run directory: move the old checkpoints, log, config, scores and samples aside,
+    never delete them."""
     if not any(os.path.exists(os.path.join(run_dir, p)) for p in ("checkpoints", "log.jsonl")):
         return
+    samples = sorted(p for p in os.listdir(run_dir) if p.startswith(("samples_", "sample_")) and
+                     os.path.isfile(os.path.join(run_dir, p)))  # the end-of-run grids and `dumo sample` outputs
     old = [p for p in ("checkpoints", "log.jsonl", "config.yaml", "eval.json") if os.path.exists(os.path.join(run_dir, p))]
+    old += samples
     k = 1
     while os.path.exists(os.path.join(run_dir, f"previous-{k}")):
         k += 1
@@ -146,7 +150,7 @@ def _archive_previous(run_dir: str) -> None:
     os.makedirs(dest)
     for p in old:
         os.rename(os.path.join(run_dir, p), os.path.join(dest, p))
-    print(f"train.resume=false: the earlier run's {' and '.join(old)} moved to {dest}")
+    print(f"train.resume=false: the earlier run's {', '.join(old)} moved to {dest}")
 
 
 class LocalBackend:

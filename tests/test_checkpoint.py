@@ -200,11 +200,14 @@ def test_fresh_run_into_used_directory_archives_the_old_one(tmp_path):
     """train.resume=false never deletes an earlier run: its checkpoints and log move to previous-N/."""
     first = train(tiny_config(tmp_path, "--train.steps=2", "--train.resume=false"))
     first_w = ckpt_io.load_checkpoint(ckpt_io.latest_checkpoint(str(tmp_path)))["model"]
+    (tmp_path / "samples_u1.png").write_bytes(b"grid")  # what the end-of-run evaluation writes
     train(tiny_config(tmp_path, "--train.steps=1", "--train.resume=false", "--train.seed=7"))
     archived = ckpt_io.load_checkpoint(str(tmp_path / "previous-1" / "checkpoints" / "step_00000002"))
     assert _state_equal(archived["model"], first_w) and _state_equal(first_w, first.model.state_dict())
     assert len(read_log(str(tmp_path / "previous-1" / "log.jsonl"))) == 2
     assert "seed: 0" in (tmp_path / "previous-1" / "config.yaml").read_text()
+    assert (tmp_path / "previous-1" / "samples_u1.png").read_bytes() == b"grid"
+    assert not (tmp_path / "samples_u1.png").exists()  # not left beside the new run as if it were its own
     assert "seed: 7" in (tmp_path / "config.yaml").read_text()
     assert ckpt_io.latest_checkpoint(str(tmp_path)).endswith("step_00000001")
     assert [r["step"] for r in read_log(str(tmp_path / "log.jsonl"))] == [1]

@@ -46,6 +46,7 @@ DIGITS = os.path.join(ROOT, "configs", "digits.yaml")
     (["--data.test_fraction=0.001"], "data.test_fraction"),  # 2 held-out images for 10 classes
     (["--data.test_fraction=0.999", "--train.batch_size=1"], "data.test_fraction"),
     (["--model.time_scale=0"], "model.time_scale"),
+    (["--train.keep_checkpoints=0"], "train.keep_checkpoints"),
     (["--model.pretrained_source=sat"], "model.pretrained_source"),
     (["--model.pretrained=w.safetensors", "--model.pretrained_source=sit"], "model.time_scale=1"),
     # combinations that cannot learn (dumo_engine/objective_rules.py): refused before anything is built
