@@ -186,6 +186,9 @@ class LocalBackend:
     def reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
         return t
 
+    def reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        return t
+
     def barrier(self) -> None:
         pass
 
@@ -323,8 +326,9 @@ def train(cfg: RunConfig) -> TrainResult:
                        "img_s": img_s, "sec_per_kimg": 1e3 / img_s, "lr": oc.lr}
                 if tc.peak_tflops > 0:
                     row["mfu"] = flops_img * img_s / (tc.peak_tflops * 1e12 * backend.world_size)
-                if device.type == "cuda":
-                    row["max_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                if device.type == "cuda":  # the largest peak over ranks (ZeRO partitions need not be even)
+                    peak = torch.tensor(float(torch.cuda.max_memory_allocated(device)) / 2**30)
+                    row["max_mem_gib"] = backend.reduce_max(peak).item()
                 if main:
                     log.write(json.dumps(row) + "\n")
                     log.flush()

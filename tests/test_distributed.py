@@ -504,3 +504,31 @@ def test_one_process_world_takes_a_free_port():
     assert res.returncode == 0, res.stderr[-2000:]
     port = int(res.stdout.split("port", 1)[1].split()[0])
     assert port != 29500
+
+
+_REDUCE = r"""
+import sys, torch, torch.distributed as dist
+from dumo_engine.distributed import engine as E
+
+E.init_process_group(torch.device("cpu"))
+be = E.DeepSpeedBackend.__new__(E.DeepSpeedBackend)  # only the metric reductions: no engine needed
+be.device, be.world_size, rank = torch.device("cpu"), dist.get_world_size(), dist.get_rank()
+peak = be.reduce_max(torch.tensor(1.5 + rank)).item()
+mean = be.reduce_mean(torch.tensor(1.5 + rank)).item()
+assert (peak, mean) == (2.5, 2.0), (rank, peak, mean)
+open(f"{sys.argv[1]}/rank{rank}.ok", "w").close()  # a file per rank: their printed lines interleave
+dist.destroy_process_group()
+"""
+
+
+@needs_ds
+def test_logged_peak_memory_is_the_largest_over_ranks(tmp_path):
+    """max_mem_gib is each log window's largest peak over ranks (reduce_max), not rank 0's; metrics are means."""
+    script = tmp_path / "reduce.py"
+    script.write_text(_REDUCE)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          "--master_addr=127.0.0.1", f"--master_port={_port()}", str(script), str(tmp_path)],
+                         capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert res.returncode == 0, (res.stdout[-2000:], res.stderr[-3000:])
+    assert (tmp_path / "rank0.ok").exists() and (tmp_path / "rank1.ok").exists()

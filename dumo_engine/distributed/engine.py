@@ -251,6 +251,11 @@ class DeepSpeedBackend:
         dist.all_reduce(t)
         return t / self.world_size
 
+    def reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().float().to(self.device).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t
+
     def barrier(self) -> None:
         dist.barrier()
 
