@@ -101,6 +101,14 @@ def set_rng_state(states: dict[str, torch.Tensor], device: Optional[torch.device
         torch.cuda.set_rng_state(state, idx)
 
 
+def restore_rng(states: dict[str, torch.Tensor], device: Optional[torch.device], what: str) -> None:
+    """set_rng_state, a state that does not load being a CheckpointError naming `what` (the checkpoint or file)."""
+    try:
+        set_rng_state(states, device)
+    except (KeyError, RuntimeError, TypeError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{what}: its RNG state does not load ({e!r})") from None
+
+
 def step_dirs(root: str) -> list[str]:
     """The names of root's checkpoint directories (step_<digits>), oldest step first (by number: a step past
     99,999,999 has nine digits and would sort first by name)."""
@@ -338,8 +346,5 @@ def restore(ckpt: dict, model: torch.nn.Module, ema: torch.nn.Module, optimizer:
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"checkpoint {ckpt['path']}: optimizer state does not fit: {e}") from None
-    try:
-        set_rng_state(ckpt["rng"], device)
-    except (KeyError, RuntimeError, TypeError, IndexError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt['path']}: its RNG state does not load ({e!r})") from None
+    restore_rng(ckpt["rng"], device, f"checkpoint {ckpt['path']}")
     return int(ckpt["step"])

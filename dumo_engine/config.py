@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .objective_rules import flow_map_option_problem
+from .objective_rules import flow_map_option_problem, guidance_problem, weighting_problem
 
 
 class ConfigError(ValueError):
@@ -234,9 +234,10 @@ def validate(cfg: RunConfig) -> RunConfig:
     guided = not (o.cfg_w == 1.0 and o.cfg_k == 0.0)
     if o.name == "flow_matching" and o.equal_fraction is not None:
         raise ConfigError("objective.equal_fraction has no meaning for flow_matching (r = t always); leave it null")
-    if guided and o.label_dropout == 0.0:
-        raise ConfigError("objective.label_dropout must be > 0 when CFG is on (cfg_w/cfg_k): "
-                          "otherwise the NULL class that the unconditional branch uses is never trained")
+    for problem in (guidance_problem(o.cfg_w, o.cfg_k, o.cfg_t_lo, o.cfg_t_hi, o.label_dropout),
+                    weighting_problem(o.adaptive_p, o.adaptive_eps)):  # the objectives' own rules
+        if problem:
+            raise ConfigError(problem)
     if cfg.model.pretrained and cfg.model.pretrained_source == "sit" and cfg.model.time_scale != 1.0:
         raise ConfigError(f"model.pretrained_source=sit needs model.time_scale=1 (SiT's time embedder saw t in "
                           f"[0, 1]), got model.time_scale={cfg.model.time_scale:g}")
@@ -249,13 +250,8 @@ def validate(cfg: RunConfig) -> RunConfig:
         if getattr(o, key) != getattr(defaults, key):
             raise ConfigError(f"objective.{key}={getattr(o, key)!r} has no effect on objective.name={o.name} "
                               f"({_USED_BY[key]}); leave it at its default {getattr(defaults, key)!r}")
-    if o.adaptive_p > 0 and o.adaptive_eps == 0:
-        raise ConfigError(f"objective.adaptive_eps must be > 0 with objective.adaptive_p={o.adaptive_p} (the weight "
-                          "L / (L + eps)^p of a sample with zero loss would be 0/0)")
     if not 0.0 < cfg.sample.t_mid < 1.0:
         raise ConfigError(f"sample.t_mid must be in (0, 1), got {cfg.sample.t_mid}")
-    if cfg.objective.cfg_t_lo > cfg.objective.cfg_t_hi:
-        raise ConfigError("objective.cfg_t_lo must be <= objective.cfg_t_hi")
     if cfg.model.input_size % DIT_SIZES[cfg.model.name].patch_size:
         raise ConfigError(f"model.input_size {cfg.model.input_size} is not divisible by {cfg.model.name}'s patch size")
     _check_dataset(cfg)

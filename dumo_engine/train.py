@@ -240,7 +240,8 @@ def train(cfg: RunConfig) -> TrainResult:
     log_path = os.path.join(run_dir, "log.jsonl")
     torch.manual_seed(tc.seed)
     model = build_model_from_config(cfg).to(device)
-    # a resume overwrites the pretrained weights: its file may be gone by then (checked below if nothing resumes)
+    # a resume overwrites the pretrained weights: its file may be gone by then (with checkpoints present, the resume
+    # below loads one or raises CheckpointError naming why none loads: it never starts from the random init)
     pretrained_skipped = bool(cfg.model.pretrained and tc.resume and not os.path.exists(cfg.model.pretrained)
                               and ckpt_io.has_checkpoints(run_dir))
     if cfg.model.pretrained and not pretrained_skipped:
@@ -265,9 +266,6 @@ def train(cfg: RunConfig) -> TrainResult:
         check_resume_settings(path, state, cfg)
 
     step, path, skipped = backend.resume(run_dir, check) if tc.resume else (0, None, [])
-    if pretrained_skipped and path is None:
-        raise ConfigError(f"model.pretrained: {cfg.model.pretrained} does not exist, and {run_dir} has no checkpoint "
-                          "to resume instead (its checkpoints directory holds none that loads)")
 
     def report_resume():  # config.yaml only now: a refused resume leaves the run's own config in place
         save_config(cfg, os.path.join(run_dir, "config.yaml"))

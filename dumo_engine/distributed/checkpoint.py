@@ -145,9 +145,6 @@ def resume_ds_checkpoint(run_dir: str, backend, check=None) -> tuple[int, Option
         raise CheckpointError(f"checkpoint {path}: DeepSpeed could not load {DS_DIR}/{DS_TAG}")
     ema_file = _rank_file("ema_shard", backend.rank) if backend.stage > 0 else "ema.safetensors"
     backend.ema.load_shards(load_file(os.path.join(path, ema_file)))
-    rng_file = os.path.join(path, _rank_file("rng", backend.rank))
-    try:
-        ckpt_io.set_rng_state(load_file(rng_file), backend.device)
-    except (KeyError, RuntimeError, TypeError, IndexError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {path}: {os.path.basename(rng_file)} does not load ({e!r})") from None
+    rng_file = _rank_file("rng", backend.rank)
+    ckpt_io.restore_rng(load_file(os.path.join(path, rng_file)), backend.device, f"checkpoint {path}: {rng_file}")
     return int(state["step"]), path, skipped

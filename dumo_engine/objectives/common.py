@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..objective_rules import guidance_problem, weighting_problem
+
 
 @dataclass
 class GuidanceConfig:
@@ -21,13 +23,9 @@ class GuidanceConfig:
     label_dropout: float = 0.1
 
     def __post_init__(self):
-        if not 0.0 <= self.label_dropout <= 1.0:
-            raise ValueError(f"guidance label_dropout must be in [0, 1], got {self.label_dropout}")
-        if not 0.0 <= self.t_lo <= self.t_hi <= 1.0:
-            raise ValueError(f"guidance interval must satisfy 0 <= t_lo <= t_hi <= 1, got [{self.t_lo}, {self.t_hi}]")
-        if self.enabled and self.label_dropout == 0.0:
-            raise ValueError("guidance (w, k) needs label_dropout > 0: otherwise the NULL class that the "
-                             "unconditional branch uses is never trained")
+        problem = guidance_problem(self.w, self.k, self.t_lo, self.t_hi, self.label_dropout)
+        if problem:
+            raise ValueError(problem)
 
     @property
     def enabled(self) -> bool:
@@ -122,12 +120,10 @@ def per_sample_sq(err: torch.Tensor) -> torch.Tensor:
 
 
 def check_weighting(p: float, eps: float) -> None:
-    """The adaptive weight L / sg((L + eps)^p) needs p >= 0, and eps > 0 when p > 0 (a zero loss would give 0/0)."""
-    if p < 0:
-        raise ValueError(f"objective.adaptive_p must be >= 0, got {p}")
-    if eps < 0 or (p > 0 and eps == 0):
-        raise ValueError(f"objective.adaptive_eps must be > 0 with adaptive_p = {p} > 0 (a sample with zero loss "
-                         f"would weigh 0/0), got {eps}")
+    """ValueError where the adaptive weight cannot be computed (objective_rules.weighting_problem)."""
+    problem = weighting_problem(p, eps)
+    if problem:
+        raise ValueError(problem)
 
 
 def adaptive_weight(loss: torch.Tensor, p: float, eps: float) -> torch.Tensor:
